@@ -1,0 +1,59 @@
+"""Project paths: the one place that knows where things live.
+
+Every path is derived from ``PROJ_ROOT`` so stages, the app and tests agree; tests that run the
+pipeline in a temporary copy set ``COVID_XRAY_ROOT`` or simply run from that copy (stages use the
+current working directory, which DVC sets to the repository root).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+MODEL_NAMES: tuple[str, ...] = ("covid_normal", "covid_pneumonia")
+"""The two classifiers of the seed: COVID vs NORMAL (model 1) and COVID vs PNEUMONIA (model 2)."""
+
+NEGATIVE_CLASS: dict[str, str] = {"covid_normal": "normal", "covid_pneumonia": "pneumonia"}
+POSITIVE_CLASS = "covid"
+
+
+def project_root() -> Path:
+    """The repository root: ``$COVID_XRAY_ROOT`` if set, else the current directory."""
+    return Path(os.environ.get("COVID_XRAY_ROOT", os.getcwd())).resolve()
+
+
+class Paths:
+    """All pipeline locations under one root (a temp copy in tests, the repo otherwise)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else project_root()
+        self.params = self.root / "params.yaml"
+        self.data = self.root / "data"
+        self.raw = self.data / "raw"
+        self.downloads = self.data / "downloads"
+        self.interim = self.data / "interim"
+        self.datasets = self.data / "datasets"
+        self.splits = self.data / "splits"
+        self.features = self.data / "features"
+        self.models = self.root / "models"
+        self.metrics = self.root / "metrics"
+        self.plots = self.root / "plots"
+        self.reports = self.root / "reports"
+
+    @property
+    def covid_dataset(self) -> Path:
+        return self.raw / "covid-chestxray-dataset"
+
+    @property
+    def kermany_dataset(self) -> Path:
+        return self.raw / "chest_xray"
+
+    @property
+    def manifest(self) -> Path:
+        return self.datasets / "manifest.csv"
+
+    def split_file(self, model_name: str) -> Path:
+        return self.splits / f"{model_name}.csv"
+
+    def model_file(self, model_name: str) -> Path:
+        return self.models / f"{model_name}.keras"

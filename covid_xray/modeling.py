@@ -1,0 +1,204 @@
+"""The model builder and the saved-classifier format: one place for both.
+
+A classifier is the seed's network: a frozen backbone without top (VGG16 by default) and a head
+AveragePooling2D(pool) -> Flatten -> Normalization -> Dense(nodes, relu) -> Dropout -> Dense(2, softmax).
+
+The one addition to the seed's head is ``Normalization`` (mean/variance fitted on the training
+split's pooled features). With ImageNet weights it is harmless; with a random backbone
+(``model.weights: none``, the offline default) raw features are ~1e-3 in scale and the un-normalised
+head never learns (it predicted every image as COVID in our checks).
+
+Saved format: ``models/<name>.keras`` (the complete model, backbone + head, input = float32 RGB in
+[0, 1] of ``img_size``) plus ``models/<name>.json`` beside it, holding what nobody should have to
+remember: class order, positive class, image size, preprocessing recipe, operating threshold,
+backbone and weights, the revision it was trained at, and the out-of-distribution statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covid_xray.io import PipelineError, atomic_path, write_json
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402  (after the log-level setting)
+
+PREPROCESSING = "decode->RGB->resize(img_size, INTER_AREA when shrinking)->float32/255"
+FORMAT_VERSION = 1
+
+_IMAGENET_FILES = {
+    "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "mobilenetv2": "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
+}
+
+
+def feature_map_size(img_size: int) -> int:
+    """Both supported backbones downsample by 32."""
+    return img_size // 32
+
+
+def _imagenet_available(backbone: str, img_size: int) -> bool:
+    cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    name = _IMAGENET_FILES[backbone].format(size=img_size)
+    if (cached / name).is_file():
+        return True
+    try:
+        with socket.create_connection(("storage.googleapis.com", 443), timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def build_backbone(backbone: str, img_size: int, weights: str, seed: int) -> keras.Model:
+    """The frozen feature extractor; ``weights`` is ``imagenet``, ``none`` or a weights file path.
+
+    ``none`` draws random weights from ``seed`` (deterministic). Offline, ``imagenet`` fails at once
+    with instructions instead of hanging on a download.
+    """
+    if weights == "imagenet" and not _imagenet_available(backbone, img_size):
+        name = _IMAGENET_FILES[backbone].format(size=img_size)
+        raise PipelineError(
+            f"model.weights=imagenet: the {backbone} ImageNet weights are not cached and the "
+            f"download host cannot be reached (offline?). Either pre-place {name} in "
+            f"~/.keras/models/, set model.weights to the path of a local weights file, or use "
+            "`-S model.weights=none` (random frozen backbone; learns, but less well).")
+    keras.utils.set_random_seed(seed)
+    keras_weights: str | None = None if weights == "none" else weights
+    shape = (img_size, img_size, 3)
+    try:
+        if backbone == "vgg16":
+            base = keras.applications.VGG16(include_top=False, weights=keras_weights,
+                                            input_shape=shape)
+        elif backbone == "mobilenetv2":
+            base = keras.applications.MobileNetV2(include_top=False, weights=keras_weights,
+                                                  input_shape=shape)
+        else:
+            raise PipelineError(f"model.backbone: unknown backbone {backbone!r}")
+    except (ValueError, OSError) as exc:
+        if weights in ("imagenet", "none"):
+            raise
+        raise PipelineError(f"model.weights: cannot load {weights} into {backbone} at "
+                            f"{img_size}px: {exc}") from exc
+    base.trainable = False
+    return keras.Model(base.inputs, base.outputs, name="backbone")
+
+
+def pooled_features(feature_maps: np.ndarray, pool_size: int) -> np.ndarray:
+    """What the head's AveragePooling2D + Flatten produce, in NumPy (to fit Normalization)."""
+    n, height, width, channels = feature_maps.shape
+    out_h, out_w = height // pool_size, width // pool_size
+    trimmed = feature_maps[:, : out_h * pool_size, : out_w * pool_size, :]
+    pooled = trimmed.reshape(n, out_h, pool_size, out_w, pool_size, channels).mean(axis=(2, 4))
+    return pooled.reshape(n, -1)
+
+
+def build_head(feature_shape: tuple[int, int, int], pool_size: int, dense_nodes: int,
+               dropout: float, mean: np.ndarray, variance: np.ndarray) -> keras.Model:
+    """The trainable head on top of cached backbone features."""
+    inputs = keras.Input(shape=feature_shape, name="features")
+    x = keras.layers.AveragePooling2D(pool_size=(pool_size, pool_size), name="pool")(inputs)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Normalization(mean=mean, variance=np.maximum(variance, 1e-12),
+                                   name="standardise")(x)
+    x = keras.layers.Dense(dense_nodes, activation="relu", name="dense")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="softmax")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def assemble_classifier(backbone: keras.Model, head: keras.Model, name: str) -> keras.Model:
+    """Backbone + head as one model taking float32 RGB in [0, 1]."""
+    inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
+    features = backbone(inputs, training=False)
+    outputs = head(features)
+    return keras.Model(inputs, outputs, name=name)
+
+
+@dataclass
+class ModelInfo:
+    """The sidecar ``<name>.json``: everything needed to use the model correctly."""
+
+    model_name: str
+    class_names: list[str]
+    positive_class: str
+    img_size: int
+    backbone: str
+    weights: str
+    threshold: float = 0.5
+    preprocessing: str = PREPROCESSING
+    format_version: int = FORMAT_VERSION
+    revision: str = "unknown"
+    params: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def positive_index(self) -> int:
+        return self.class_names.index(self.positive_class)
+
+
+def info_path(model_path: Path | str) -> Path:
+    return Path(model_path).with_suffix(".json")
+
+
+def save_classifier(model: keras.Model, info: ModelInfo, model_path: Path | str) -> None:
+    """Write the .keras file and its sidecar atomically."""
+    model_path = Path(model_path)
+    with atomic_path(model_path, suffix=".keras") as tmp:
+        model.save(tmp)
+    write_json(info_path(model_path), asdict(info))
+
+
+class ModelLoadError(PipelineError):
+    """A model file is missing, unreadable or incompatible; the message names the file."""
+
+
+@dataclass
+class Classifier:
+    """A loaded classifier: the Keras model plus its sidecar info."""
+
+    model: keras.Model
+    info: ModelInfo
+    path: Path
+
+    @classmethod
+    def load(cls, model_path: Path | str) -> Classifier:
+        model_path = Path(model_path)
+        sidecar = info_path(model_path)
+        for required in (model_path, sidecar):
+            if not required.is_file():
+                raise ModelLoadError(f"{required}: model file not found; run `dvc repro` to "
+                                     "train the models, or point to an existing one")
+        try:
+            raw = json.loads(sidecar.read_text(encoding="utf-8"))
+            info = ModelInfo(**raw)
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(f"{sidecar}: not a covid-xray model info file ({exc})") from exc
+        if info.format_version != FORMAT_VERSION:
+            raise ModelLoadError(f"{sidecar}: format_version {info.format_version}, this "
+                                 f"code reads {FORMAT_VERSION}; retrain with `dvc repro`")
+        try:
+            model = keras.models.load_model(model_path, compile=False)
+        except Exception as exc:  # noqa: BLE001 - keras raises many types for a bad file
+            raise ModelLoadError(f"{model_path}: cannot load the Keras model ({exc})") from exc
+        expected = (None, info.img_size, info.img_size, 3)
+        if tuple(model.input_shape) != expected or tuple(model.output_shape) != (None, 2):
+            raise ModelLoadError(f"{model_path}: input {model.input_shape} / output "
+                                 f"{model.output_shape} do not match {sidecar} "
+                                 f"(expected {expected} -> (None, 2))")
+        return cls(model=model, info=info, path=model_path)
+
+    def covid_scores(self, batch: np.ndarray) -> np.ndarray:
+        """Probability of COVID for a float32 batch ``(n, S, S, 3)`` in [0, 1]."""
+        probs = np.asarray(self.model(batch, training=False))
+        return probs[:, self.info.positive_index].astype(np.float64)
+
+    def is_positive(self, score: float) -> bool:
+        return bool(score >= self.info.threshold)

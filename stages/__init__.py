@@ -1,0 +1,1 @@
+"""DVC stage entry points: one thin ``main()`` each, run as ``python -m stages.<name>``."""

@@ -1,0 +1,27 @@
+"""Shared fixtures: repository paths and the real X-ray sample (skipped when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+XRAY_SAMPLE = Path(os.environ.get("COVID_XRAY_SAMPLE",
+                                  REPO_ROOT.parent / "shared" / "data" / "xray-sample"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def xray_sample() -> Path:
+    """The small real sample of both public datasets; tests using it skip on a user's clone."""
+    if not (XRAY_SAMPLE / "covid-chestxray-dataset" / "metadata.csv").is_file():
+        pytest.skip(f"real X-ray sample not found at {XRAY_SAMPLE}")
+    return XRAY_SAMPLE
