@@ -1,7 +1,8 @@
 """The model builder and the saved-classifier format: one place for both.
 
 A classifier is the seed's network: a frozen backbone without top (VGG16 by default) and a head
-AveragePooling2D(pool) -> Flatten -> Normalization -> Dense(nodes, relu) -> Dropout -> Dense(2, softmax).
+AveragePooling2D(pool) -> Flatten -> Normalization -> Dense(nodes, relu) -> Dropout ->
+Dense(2, softmax).
 
 The one addition to the seed's head is ``Normalization`` (mean/variance fitted on the training
 split's pooled features). With ImageNet weights it is harmless; with a random backbone
@@ -29,7 +30,7 @@ from covid_xray.io import PipelineError, atomic_path, write_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402  (after the log-level setting)
+import keras
 
 PREPROCESSING = "decode->RGB->resize(img_size, INTER_AREA when shrinking)->float32/255"
 FORMAT_VERSION = 1
@@ -186,7 +187,7 @@ class Classifier:
                                  f"code reads {FORMAT_VERSION}; retrain with `dvc repro`")
         try:
             model = keras.models.load_model(model_path, compile=False)
-        except Exception as exc:  # noqa: BLE001 - keras raises many types for a bad file
+        except Exception as exc:
             raise ModelLoadError(f"{model_path}: cannot load the Keras model ({exc})") from exc
         expected = (None, info.img_size, info.img_size, 3)
         if tuple(model.input_shape) != expected or tuple(model.output_shape) != (None, 2):

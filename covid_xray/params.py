@@ -1,6 +1,7 @@
 """Reading and validating ``params.yaml``: the one place that knows every key.
 
-Stages call :func:`load_params` first, so a bad value (``train.dropout: 1.5``, ``train.batch_size: 0``,
+Stages call :func:`load_params` first, so a bad value (``train.dropout: 1.5``,
+``train.batch_size: 0``,
 an unknown backbone, a weights file that does not exist) stops the stage before any work, with a
 message that names the key, the value and what is allowed.
 """
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 BACKBONES: tuple[str, ...] = ("vgg16", "mobilenetv2")
+THRESHOLD_RULES: tuple[str, ...] = ("youden", "target_sensitivity", "argmax")
 
 
 class ParamsError(ValueError):
@@ -58,6 +60,7 @@ class CopyParams:
 @dataclass(frozen=True)
 class SplitParams:
     test_size: float = 0.2
+    val_size: float = 0.2
     group_by_patient: bool = True
 
 
@@ -87,9 +90,28 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class ThresholdParams:
+    rule: str = "youden"
+    sensitivity: float = 0.95
+
+
+@dataclass(frozen=True)
 class ValidateParams:
     gradcam_images: int = 3
     bootstrap: int = 1000
+    external: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditParams:
+    fail_on_leak: bool = True
+    phash_max_distance: int = 4
+
+
+@dataclass(frozen=True)
+class ProbeParams:
+    auc_threshold: float = 0.8
+    folds: int = 5
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,10 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     featurize: FeaturizeParams = field(default_factory=FeaturizeParams)
     train: TrainParams = field(default_factory=TrainParams)
+    threshold: ThresholdParams = field(default_factory=ThresholdParams)
     validate: ValidateParams = field(default_factory=ValidateParams)
+    audit: AuditParams = field(default_factory=AuditParams)
+    probe: ProbeParams = field(default_factory=ProbeParams)
 
 
 class _Reader:
@@ -235,6 +260,7 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml",
         ),
         split=SplitParams(
             test_size=r.number("split.test_size", 0.2, 0.0, 1.0, low_open=True, high_open=True),
+            val_size=r.number("split.val_size", 0.2, 0.0, 1.0, high_open=True),
             group_by_patient=r.boolean("split.group_by_patient", True),
         ),
         model=ModelParams(
@@ -256,11 +282,38 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml",
             dropout=r.number("train.dropout", 0.5, 0.0, 1.0, high_open=True),
             rotation_deg=r.number("train.rotation_deg", 15.0, 0.0, 180.0),
         ),
+        threshold=ThresholdParams(
+            rule=r.string("threshold.rule", "youden", choices=THRESHOLD_RULES),
+            sensitivity=r.number("threshold.sensitivity", 0.95, 0.0, 1.0, low_open=True),
+        ),
         validate=ValidateParams(
             gradcam_images=r.integer("validate.gradcam_images", 3, minimum=0, maximum=1000),
             bootstrap=r.integer("validate.bootstrap", 1000, minimum=0, maximum=1_000_000),
+            external=_external_sets(r, root),
+        ),
+        audit=AuditParams(
+            fail_on_leak=r.boolean("audit.fail_on_leak", True),
+            phash_max_distance=r.integer("audit.phash_max_distance", 4, minimum=0, maximum=64),
+        ),
+        probe=ProbeParams(
+            auc_threshold=r.number("probe.auc_threshold", 0.8, 0.5, 1.0),
+            folds=r.integer("probe.folds", 5, minimum=2, maximum=50),
         ),
     )
+
+
+def _external_sets(r: _Reader, root: Path) -> dict[str, str]:
+    """``validate.external``: name -> folder with class subfolders (covid/, normal/, pneumonia/).
+
+    Folders are checked when the validate stage runs (a demo external set only exists after
+    acquire), so here only the shape is validated.
+    """
+    value = r.get("validate.external", {}) or {}
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items()):
+        raise ParamsError(f"{r.source}: `validate.external` must map a set name to a folder "
+                          f"path (with covid/, normal/ or pneumonia/ subfolders), got {value!r}")
+    return {name: folder.strip() for name, folder in value.items()}
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
