@@ -55,6 +55,7 @@ class SelectParams:
 class CopyParams:
     heldout_normal: int = 20
     heldout_pneumonia: int = 20
+    max_per_class: int = 0
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml",
         copy=CopyParams(
             heldout_normal=r.integer("copy.heldout_normal", 20, minimum=0),
             heldout_pneumonia=r.integer("copy.heldout_pneumonia", 20, minimum=0),
+            max_per_class=r.integer("copy.max_per_class", 0, minimum=0),
         ),
         split=SplitParams(
             test_size=r.number("split.test_size", 0.2, 0.0, 1.0, low_open=True, high_open=True),

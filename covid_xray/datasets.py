@@ -1,0 +1,405 @@
+"""Building the per-model class folders and the held-out folders from the raw datasets.
+
+The seed's sampler copied the first N files a glob returned, so its "validation" NORMAL images were
+training images. Here every draw is seeded, held-out images come from patients no training folder
+uses, identical files are removed by content hash before any draw, and the result is checked
+again by hash before the folder is swapped in. Every image is decoded first (the same decoder the
+models use): a file that does not decode is listed in ``skipped.csv``, never copied.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
+from covid_xray.imaging import ImageDecodeError, decode_image, read_image_info
+from covid_xray.io import PipelineError, write_csv
+from covid_xray.params import CopyParams
+
+log = logging.getLogger("covid_xray.datasets")
+
+TRAINING_SETS: tuple[str, ...] = MODEL_NAMES
+EVALUATION_SETS: tuple[str, ...] = ("heldout", "kermany_test")
+MANIFEST_COLUMNS: tuple[str, ...] = ("path", "set", "label", "patient_id", "sha256", "source",
+                                     "width", "height", "format")
+SKIPPED_COLUMNS: tuple[str, ...] = ("source", "reason")
+KERMANY_CLASSES: dict[str, str] = {"normal": "NORMAL", "pneumonia": "PNEUMONIA"}
+_INTERIM_COLUMNS = ("patient_id", "image_path")
+
+
+# ------------------------------------------------------------------------------------ patient ids
+def kermany_patient_id(filename: str) -> str:
+    """The patient encoded in a Kermany file name (the dataset has no other patient column).
+
+    ``person1000_bacteria_2931.jpeg`` -> ``kermany-person1000``; ``IM-0115-0001.jpeg`` ->
+    ``kermany-IM-0115``; ``NORMAL2-IM-0500-0001.jpeg`` -> ``kermany-NORMAL2-IM-0500``. A name
+    that follows none of these counts as its own patient (``kermany-<stem>``), which can only
+    make a grouped split stricter, never leak.
+    """
+    name = Path(filename).name
+    for pattern in (r"(person\d+)_", r"(NORMAL2-IM-\d+)-", r"(IM-\d+)-"):
+        if match := re.match(pattern, name, flags=re.IGNORECASE):
+            return f"kermany-{match[1]}"
+    return f"kermany-{Path(name).stem}"
+
+
+# ------------------------------------------------------------------------------------ inspection
+@dataclass(frozen=True)
+class Candidate:
+    """A raw file that should become an image of a set (before it is decoded)."""
+
+    source: Path
+    label: str
+    patient_id: str
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A raw file that decoded cleanly: what the manifest needs to know about it."""
+
+    source: Path
+    label: str
+    patient_id: str
+    sha256: str
+    width: int
+    height: int
+    format: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    source: Path
+    reason: str
+
+
+def classify_decode_error(exc: Exception) -> str:
+    """A short category for ``skipped.csv`` and the metric: why a file is not usable."""
+    text = str(exc).lower()
+    if isinstance(exc, OSError):
+        return "unreadable"
+    if "empty file" in text:
+        return "empty"
+    if "not a recognised image" in text:
+        return "not_image"
+    if "truncated jpeg" in text:  # imaging: no end-of-image marker
+        return "truncated"
+    if "above the limit" in text:
+        return "too_large"
+    return "corrupt"
+
+
+def inspect_file(candidate: Candidate) -> ImageRecord | Skip:
+    """Hash and fully decode one file (header sniffing alone misses truncated/corrupt data)."""
+    try:
+        data = candidate.source.read_bytes()
+        info = read_image_info(data)
+        decode_image(data)
+    except (ImageDecodeError, OSError) as exc:
+        return Skip(candidate.source, f"{classify_decode_error(exc)}: {exc}")
+    return ImageRecord(candidate.source, candidate.label, candidate.patient_id,
+                       hashlib.sha256(data).hexdigest(), info.width, info.height, info.format)
+
+
+def inspect_files(candidates: Sequence[Candidate], desc: str,
+                  workers: int | None = None) -> tuple[list[ImageRecord], list[Skip]]:
+    """Decode many files in threads (OpenCV releases the GIL); keeps the input order."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(inspect_file, candidates), total=len(candidates),
+                            desc=desc, unit="img", leave=False))
+    images = [r for r in results if isinstance(r, ImageRecord)]
+    skips = [r for r in results if isinstance(r, Skip)]
+    return images, skips
+
+
+def drop_duplicates(images: Iterable[ImageRecord], seen: dict[str, Path],
+                    raw_dir: Path) -> tuple[list[ImageRecord], list[Skip]]:
+    """Keep the first image per content hash; ``seen`` carries hashes claimed by earlier groups.
+
+    Groups are passed evaluation-first, so a file that also exists in a held-out or test set is
+    removed from the training pool and the disjointness check cannot fail by accident.
+    """
+    kept: list[ImageRecord] = []
+    skips: list[Skip] = []
+    for image in images:
+        if image.sha256 in seen:
+            skips.append(Skip(image.source,
+                              f"duplicate: same content as {_rel(seen[image.sha256], raw_dir)}"))
+            continue
+        seen[image.sha256] = image.source
+        kept.append(image)
+    return kept, skips
+
+
+# ------------------------------------------------------------------------------------ candidates
+def covid_candidates(table_path: Path, covid_dir: Path) -> list[Candidate]:
+    """Rows of ``covid_selected.csv`` / ``covid_heldout.csv`` as files under the COVID dataset."""
+    if not table_path.is_file():
+        raise PipelineError(f"{table_path}: not found; run the select_metadata stage first")
+    table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
+    missing = [c for c in _INTERIM_COLUMNS if c not in table.columns]
+    if missing:
+        raise PipelineError(f"{table_path}: missing column(s) {', '.join(missing)}; expected the "
+                            "select_metadata output (docs/contracts.md). Re-run select_metadata.")
+    return [Candidate(covid_dir / path, POSITIVE_CLASS, patient)
+            for patient, path in zip(table["patient_id"], table["image_path"], strict=True)]
+
+
+def kermany_candidates(kermany_dir: Path, split: str, label: str) -> list[Candidate]:
+    """Every file of ``chest_xray/<split>/<CLASS>/`` (sorted: listing order must not matter)."""
+    folder = kermany_dir / split / KERMANY_CLASSES[label]
+    if not folder.is_dir():
+        raise PipelineError(f"{folder}: folder not found; expected Kermany's chest_xray layout "
+                            "{train,test}/{NORMAL,PNEUMONIA}/. Re-run the acquire stage.")
+    return [Candidate(path, label, kermany_patient_id(path.name))
+            for path in sorted(folder.iterdir()) if path.is_file()]
+
+
+# -------------------------------------------------------------------------------------- sampling
+def _rng(seed: int, purpose: str) -> np.random.Generator:
+    """An independent stream per purpose, so e.g. changing a held-out size leaves others alone."""
+    return np.random.default_rng([seed, zlib.crc32(purpose.encode())])
+
+
+def draw_heldout(images: Sequence[ImageRecord], count: int, seed: int,
+                 purpose: str) -> tuple[list[ImageRecord], set[str]]:
+    """``count`` images from randomly chosen whole patients; returns them and the patients used.
+
+    Every image of a used patient is reserved (not drawn for training), so held-out patients
+    never appear in a training folder.
+    """
+    by_patient: dict[str, list[ImageRecord]] = defaultdict(list)
+    for image in sorted(images, key=lambda i: i.source.as_posix()):
+        by_patient[image.patient_id].append(image)
+    patients = sorted(by_patient)
+    order = _rng(seed, purpose).permutation(len(patients))
+    chosen: list[ImageRecord] = []
+    used: set[str] = set()
+    for index in order:
+        if len(chosen) >= count:
+            break
+        patient = patients[index]
+        used.add(patient)
+        chosen.extend(by_patient[patient][: count - len(chosen)])
+    return chosen, used
+
+
+def draw_images(images: Sequence[ImageRecord], count: int, seed: int,
+                purpose: str) -> list[ImageRecord]:
+    """``count`` images drawn without replacement with the seeded stream for ``purpose``."""
+    ordered = sorted(images, key=lambda i: i.source.as_posix())
+    picks = _rng(seed, purpose).permutation(len(ordered))[:count]
+    return [ordered[i] for i in sorted(picks)]
+
+
+# --------------------------------------------------------------------------------------- copying
+def link_or_copy(source: Path, target: Path) -> str:
+    """Hard-link ``source`` to ``target`` (no extra disk space), else copy; says which."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+        return "hardlink"
+    except OSError as exc:
+        if exc.errno == errno.EEXIST:
+            raise
+    shutil.copyfile(source, target)
+    return "copy"
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(source: Path, sha256: str, taken: set[str]) -> str:
+    """The source's file name with odd characters replaced; made unique in its folder."""
+    name = _SAFE_NAME.sub("_", source.name).lstrip(".") or f"{sha256[:12]}.img"
+    if name in taken:
+        stem, dot, suffix = name.rpartition(".")
+        name = f"{stem}-{sha256[:8]}.{suffix}" if dot else f"{name}-{sha256[:8]}"
+    taken.add(name)
+    return name
+
+
+def check_disjoint(manifest: pd.DataFrame) -> None:
+    """Raise :class:`PipelineError` if any evaluation image has the content of a training image."""
+    training = manifest[manifest["set"].isin(TRAINING_SETS)]
+    evaluation = manifest[manifest["set"].isin(EVALUATION_SETS)]
+    shared = set(training["sha256"]) & set(evaluation["sha256"])
+    if shared:
+        clash = manifest[manifest["sha256"].isin(shared)].sort_values(["sha256", "set", "path"])
+        lines = [f"  {row.sha256[:12]} {row.path} (from {row.source})"
+                 for row in clash.head(20).itertuples()]
+        more = f"\n  ... {len(clash) - 20} more" if len(clash) > 20 else ""
+        raise PipelineError(
+            f"{len(shared)} held-out/test image(s) have the same content (sha256) as training "
+            "images; held-out sets must be disjoint from every training folder:\n"
+            + "\n".join(lines) + more)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+@dataclass
+class DatasetBuild:
+    """What :func:`build_datasets` wrote, for the metric and the log line."""
+
+    manifest: pd.DataFrame
+    skipped: list[Skip]
+    links: Counter[str] = field(default_factory=Counter)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        counts = self.report["images"]
+        parts = [f"{name} " + "/".join(f"{n} {label}" for label, n in counts[name].items())
+                 for name in counts]
+        return (f"{len(self.manifest)} images ({'; '.join(parts)}); skipped "
+                f"{self.report['skipped']['total']} unreadable/duplicate files; "
+                f"{self.links['hardlink']} hard links, {self.links['copy']} copies")
+
+
+def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
+                   params: CopyParams) -> DatasetBuild:
+    """Populate ``out_dir`` (an empty temp folder) with every class folder, manifest and report.
+
+    Training sets: all COVID training images in both models; as many NORMAL (PNEUMONIA) images,
+    drawn with ``seed`` from Kermany train. Held-out: the held-out COVID rows, plus
+    ``params.heldout_*`` Kermany-train images from patients no training folder uses; and all of
+    Kermany test. Raises :class:`PipelineError` if the pools are too small or a disjointness
+    check fails.
+    """
+    covid_dir, kermany_dir = raw_dir / "covid-chestxray-dataset", raw_dir / "chest_xray"
+    groups: dict[str, list[Candidate]] = {
+        "covid_heldout": covid_candidates(interim_dir / "covid_heldout.csv", covid_dir),
+        "kermany_test_normal": kermany_candidates(kermany_dir, "test", "normal"),
+        "kermany_test_pneumonia": kermany_candidates(kermany_dir, "test", "pneumonia"),
+        "covid_train": covid_candidates(interim_dir / "covid_selected.csv", covid_dir),
+        "kermany_train_normal": kermany_candidates(kermany_dir, "train", "normal"),
+        "kermany_train_pneumonia": kermany_candidates(kermany_dir, "train", "pneumonia"),
+    }
+    heldout_sizes = {"normal": params.heldout_normal, "pneumonia": params.heldout_pneumonia}
+    for label, size in heldout_sizes.items():  # cheap check before decoding thousands of files
+        files = len(groups[f"kermany_train_{label}"])
+        if size > files:
+            raise PipelineError(
+                f"{kermany_dir / 'train' / KERMANY_CLASSES[label]}: copy.heldout_{label}={size} "
+                f"but only {files} files are there; lower copy.heldout_{label} or use a larger "
+                "data set (demo: raise data.demo.kermany_train)")
+    every = [c for group in groups.values() for c in group]
+    records, skipped = inspect_files(every, desc="decode")
+    decoded = {r.source: r for r in records}
+    seen: dict[str, Path] = {}
+    pools: dict[str, list[ImageRecord]] = {}
+    for name, group in groups.items():  # evaluation groups first: they keep shared content
+        kept, dups = drop_duplicates([decoded[c.source] for c in group if c.source in decoded],
+                                     seen, raw_dir)
+        pools[name] = kept
+        skipped.extend(dups)
+
+    covid_train = pools["covid_train"]
+    if not covid_train:
+        raise PipelineError(f"{interim_dir / 'covid_selected.csv'}: none of the "
+                            f"{len(groups['covid_train'])} COVID training images could be decoded "
+                            f"(see the skipped files); nothing to train on")
+    if params.max_per_class and len(covid_train) > params.max_per_class:
+        log.info("copy.max_per_class=%d: training on %d of %d COVID images",
+                 params.max_per_class, params.max_per_class, len(covid_train))
+        covid_train = draw_images(covid_train, params.max_per_class, seed, "train/covid")
+    wanted = len(covid_train)
+    plan: dict[tuple[str, str], list[ImageRecord]] = {
+        ("heldout", POSITIVE_CLASS): pools["covid_heldout"],
+        ("kermany_test", "normal"): pools["kermany_test_normal"],
+        ("kermany_test", "pneumonia"): pools["kermany_test_pneumonia"],
+    }
+    for model in MODEL_NAMES:
+        plan[(model, POSITIVE_CLASS)] = covid_train
+    for model, label in ((m, NEGATIVE_CLASS[m]) for m in MODEL_NAMES):
+        pool = pools[f"kermany_train_{label}"]
+        key, size = f"copy.heldout_{label}", heldout_sizes[label]
+        patients = len({i.patient_id for i in pool})
+        if size > len(pool):
+            raise PipelineError(
+                f"{kermany_dir / 'train' / KERMANY_CLASSES[label]}: {key}={size} but only "
+                f"{len(pool)} readable, unique images ({patients} patients) are there; lower "
+                f"{key} or use a larger data set (demo: raise data.demo.kermany_train)")
+        held, used = draw_heldout(pool, size, seed, f"heldout/{label}")
+        remaining = [i for i in pool if i.patient_id not in used]
+        if len(remaining) < wanted:
+            raise PipelineError(
+                f"{kermany_dir / 'train' / KERMANY_CLASSES[label]}: {model} needs {wanted} "
+                f"{label} images to balance its {wanted} COVID training images, but only "
+                f"{len(remaining)} readable, unique images remain after holding out {key}={size} "
+                f"images ({len(used)} patients) of {len(pool)}; lower {key} or use a larger "
+                "Kermany data set (demo: raise data.demo.kermany_train)")
+        plan[("heldout", label)] = held
+        plan[(model, label)] = draw_images(remaining, wanted, seed, f"train/{model}/{label}")
+
+    links: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
+    jobs = [(s, label, image) for (s, label), images in sorted(plan.items()) for image in images]
+    taken: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for set_name, label, image in tqdm(jobs, desc="link", unit="img", leave=False):
+        name = safe_name(image.source, image.sha256, taken[(set_name, label)])
+        relative = f"{set_name}/{label}/{name}"
+        links[link_or_copy(image.source, out_dir / relative)] += 1
+        rows.append({"path": relative, "set": set_name, "label": label,
+                     "patient_id": image.patient_id, "sha256": image.sha256,
+                     "source": _rel(image.source, raw_dir), "width": image.width,
+                     "height": image.height, "format": image.format})
+    manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).sort_values("path",
+                                                                                ignore_index=True)
+    check_disjoint(manifest)
+    skipped.sort(key=lambda s: s.source.as_posix())
+    write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS,
+              list(manifest.itertuples(index=False, name=None)))
+    write_csv(out_dir / "skipped.csv", SKIPPED_COLUMNS,
+              [(_rel(s.source, raw_dir), s.reason) for s in skipped])
+    report = _report(manifest, skipped, links, pools, seed)
+    return DatasetBuild(manifest, skipped, links, report)
+
+
+def _report(manifest: pd.DataFrame, skipped: list[Skip], links: Counter[str],
+            pools: dict[str, list[ImageRecord]], seed: int) -> dict[str, Any]:
+    """The ``metrics/copy_images.json`` payload: counts a reader can check at a glance."""
+    images: dict[str, dict[str, int]] = {}
+    patients: dict[str, dict[str, int]] = {}
+    for (set_name, label), part in manifest.groupby(["set", "label"], sort=True):
+        images.setdefault(str(set_name), {})[str(label)] = len(part)
+        patients.setdefault(str(set_name), {})[str(label)] = part["patient_id"].nunique()
+    training = manifest[manifest["set"].isin(TRAINING_SETS)]
+    overlap: dict[str, dict[str, int]] = {}
+    for set_name in EVALUATION_SETS:
+        part = manifest[manifest["set"] == set_name]
+        overlap[set_name] = {
+            str(label): len(set(group["patient_id"]) & set(training["patient_id"]))
+            for label, group in part.groupby("label", sort=True)}
+    reasons = Counter(s.reason.split(":", 1)[0] for s in skipped)
+    return {
+        "seed": seed,
+        "images": images,
+        "images_total": len(manifest),
+        "patients": patients,
+        "skipped": {"total": len(skipped), **dict(sorted(reasons.items()))},
+        "links": {"hardlink": links["hardlink"], "copy": links["copy"]},
+        "pools": {name: len(pool) for name, pool in pools.items()},
+        "hash_overlap": 0,  # check_disjoint raised otherwise
+        "patient_overlap_with_training": overlap,
+    }

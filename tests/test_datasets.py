@@ -1,0 +1,359 @@
+"""copy_images: balanced, seeded, decoded, hard-linked class folders with disjoint held-out sets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from covid_xray.datasets import (
+    MANIFEST_COLUMNS,
+    Candidate,
+    ImageRecord,
+    Skip,
+    build_datasets,
+    check_disjoint,
+    inspect_file,
+    kermany_patient_id,
+    link_or_copy,
+)
+from covid_xray.io import PipelineError
+from covid_xray.metadata import OUTPUT_COLUMNS
+from covid_xray.params import CopyParams
+
+
+# ------------------------------------------------------------------------------------ builders
+def image_bytes(key: str, ext: str = ".jpeg", size: int = 32) -> bytes:
+    """Small grey image bytes, content unique to ``key``."""
+    seed = zlib.crc32(key.encode())
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size + seed % 9), np.uint8)
+    ok, buffer = cv2.imencode(ext, pixels)
+    assert ok
+    return buffer.tobytes()
+
+
+def put_image(path: Path, key: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(image_bytes(key or path.as_posix(), path.suffix))
+    return path
+
+
+def corrupt_jpeg() -> bytes:
+    """A JPEG with a valid header whose scan refers to a Huffman table that does not exist."""
+    data = bytearray(image_bytes("corrupt", ".jpg"))
+    sos = data.index(b"\xff\xda")
+    data[sos + 6] = 0x33
+    return bytes(data)
+
+
+def _cut(data: bytes) -> bytes:
+    """The first two thirds of a file: headers intact, pixel data cut off (a partial download)."""
+    return data[: len(data) * 2 // 3]
+
+
+def make_kermany(raw: Path, split: str, normals: int, pneumonia_patients: int,
+                 per_patient: int = 2, first_id: int = 1) -> None:
+    """Kermany-style files: ``IM-<id>-0001.jpeg`` / ``NORMAL2-IM-...`` and multi-image persons."""
+    base = raw / "chest_xray" / split
+    for i in range(normals):
+        number = first_id + i
+        name = (f"NORMAL2-IM-{number:04d}-0001.jpeg" if i % 3 == 2
+                else f"IM-{number:04d}-0001.jpeg")
+        put_image(base / "NORMAL" / name)
+    for person in range(first_id, first_id + pneumonia_patients):
+        kind = "virus" if person % 2 else "bacteria"
+        for k in range(per_patient):
+            put_image(base / "PNEUMONIA" / f"person{person}_{kind}_{person * 10 + k}.jpeg")
+
+
+def make_covid(root: Path, train_patients: int, heldout_patients: int,
+               per_patient: int = 2) -> None:
+    """COVID images plus the two select_metadata tables that copy_images reads."""
+    dataset = root / "data" / "raw" / "covid-chestxray-dataset"
+    for name, first, count in (("covid_selected.csv", 1, train_patients),
+                               ("covid_heldout.csv", 1000, heldout_patients)):
+        rows = []
+        for patient in range(first, first + count):
+            for k in range(per_patient):
+                filename = f"covid-{patient}-{k}.{'png' if k % 2 else 'jpg'}"
+                put_image(dataset / "images" / filename)
+                rows.append({"patient_id": f"covid-{patient}", "filename": filename,
+                             "image_path": f"images/{filename}", "finding": "COVID-19",
+                             "view": "PA", "modality": "X-ray", "date": "", "date_raw": "2020"})
+        interim = root / "data" / "interim"
+        interim.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS)).to_csv(interim / name, index=False)
+
+
+def make_tree(root: Path, covid_train: int = 5, covid_heldout: int = 2, normals: int = 20,
+              pneumonia_patients: int = 10, test: int = 3) -> Path:
+    """A complete raw + interim tree: 10 COVID training images, 20 Kermany per class."""
+    make_covid(root, covid_train, covid_heldout)
+    raw = root / "data" / "raw"
+    make_kermany(raw, "train", normals, pneumonia_patients)
+    make_kermany(raw, "test", test, test, first_id=5000)
+    return root
+
+
+def build(root: Path, seed: int = 42, normal: int = 4, pneumonia: int = 4,
+          out: str = "datasets"):
+    out_dir = root / "data" / out
+    out_dir.mkdir(parents=True)
+    return build_datasets(root / "data" / "raw", root / "data" / "interim", out_dir, seed,
+                          CopyParams(heldout_normal=normal, heldout_pneumonia=pneumonia))
+
+
+# --------------------------------------------------------------------------------- patient ids
+@pytest.mark.parametrize(("name", "patient"), [
+    ("person1000_bacteria_2931.jpeg", "kermany-person1000"),
+    ("person10_virus_35.jpeg", "kermany-person10"),
+    ("IM-0115-0001.jpeg", "kermany-IM-0115"),
+    ("IM-0501-0001-0002.jpeg", "kermany-IM-0501"),
+    ("NORMAL2-IM-0500-0001.jpeg", "kermany-NORMAL2-IM-0500"),
+    ("NORMAL2-IM-1345-0001-0002.jpeg", "kermany-NORMAL2-IM-1345"),
+    ("chest_xray/train/PNEUMONIA/person1_virus_6.jpeg", "kermany-person1"),
+    ("scan 7.png", "kermany-scan 7"),
+])
+def test_kermany_patient_ids_from_file_names(name: str, patient: str) -> None:
+    assert kermany_patient_id(name) == patient
+
+
+# ---------------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize(("payload", "reason"), [
+    (lambda: image_bytes("ok", ".jpg"), None),
+    (lambda: image_bytes("ok", ".png"), None),
+    (lambda: _cut(image_bytes("cut", ".jpg", size=64)), "truncated"),
+    (lambda: _cut(image_bytes("cut", ".png", size=64)), "corrupt"),
+    (corrupt_jpeg, "corrupt"),
+    (lambda: b"<html>not an x-ray</html>", "not_image"),
+    (lambda: b"", "empty"),
+])
+def test_every_file_is_decoded_and_bad_ones_classified(tmp_path: Path, payload,
+                                                       reason: str | None) -> None:
+    path = tmp_path / "x.jpeg"
+    path.write_bytes(payload())
+    result = inspect_file(Candidate(path, "normal", "kermany-x"))
+    if reason is None:
+        assert isinstance(result, ImageRecord) and result.width >= 32
+    else:
+        assert isinstance(result, Skip) and result.reason.startswith(f"{reason}:")
+
+
+def test_unreadable_file_is_skipped(tmp_path: Path) -> None:
+    result = inspect_file(Candidate(tmp_path / "gone.jpeg", "normal", "kermany-gone"))
+    assert isinstance(result, Skip) and result.reason.startswith("unreadable:")
+
+
+# ------------------------------------------------------------------------------------- build
+def test_balanced_folders_heldout_sets_and_manifest(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    result = build(root)
+    out = root / "data" / "datasets"
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
+    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    counts = manifest.groupby(["set", "label"]).size().to_dict()
+    assert counts == {("covid_normal", "covid"): 10, ("covid_normal", "normal"): 10,
+                      ("covid_pneumonia", "covid"): 10, ("covid_pneumonia", "pneumonia"): 10,
+                      ("heldout", "covid"): 4, ("heldout", "normal"): 4,
+                      ("heldout", "pneumonia"): 4, ("kermany_test", "normal"): 3,
+                      ("kermany_test", "pneumonia"): 6}
+    for path in manifest["path"]:
+        assert (out / path).is_file()
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.is_file() and p.suffix != ".csv")
+    assert on_disk == sorted(manifest["path"])
+    # held-out Kermany images come from patients no training folder uses
+    training = manifest[manifest["set"].isin(["covid_normal", "covid_pneumonia"])]
+    heldout = manifest[(manifest["set"] == "heldout") & (manifest["label"] != "covid")]
+    assert not set(heldout["patient_id"]) & set(training["patient_id"])
+    assert not set(heldout["sha256"]) & set(training["sha256"])
+    assert set(manifest.loc[manifest["label"] == "pneumonia", "patient_id"]) <= {
+        f"kermany-person{i}" for i in range(1, 11)} | {f"kermany-person{i}"
+                                                      for i in range(5000, 5003)}
+    row = manifest[manifest["path"].str.endswith("covid-1-0.jpg")].iloc[0]
+    assert (row["source"], row["patient_id"], row["format"]) == (
+        "covid-chestxray-dataset/images/covid-1-0.jpg", "covid-1", "jpeg")
+    report = result.report
+    assert report["images"]["covid_normal"] == {"covid": 10, "normal": 10}
+    assert report["images_total"] == len(manifest) == 61
+    assert report["skipped"] == {"total": 0}
+    assert report["patient_overlap_with_training"]["heldout"]["normal"] == 0
+    json.dumps(report)
+
+
+def test_hard_links_are_used(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    result = build(root)
+    out = root / "data" / "datasets"
+    assert result.links["hardlink"] == len(result.manifest) and result.links["copy"] == 0
+    row = result.manifest.iloc[0]
+    linked, source = out / row["path"], root / "data" / "raw" / row["source"]
+    assert os.path.samefile(linked, source)
+
+
+def test_link_falls_back_to_copy_across_filesystems(tmp_path: Path) -> None:
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem to link across")
+    folder = other / f"covid-xray-test-{os.getpid()}"
+    folder.mkdir(exist_ok=True)
+    try:
+        source = put_image(folder / "a.jpeg")
+        assert link_or_copy(source, tmp_path / "out" / "a.jpeg") == "copy"
+        assert (tmp_path / "out" / "a.jpeg").read_bytes() == source.read_bytes()
+        assert not os.path.samefile(source, tmp_path / "out" / "a.jpeg")
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_sampling_is_seeded(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    first = build(root, out="a").manifest
+    again = build(root, out="b").manifest
+    other = build(root, seed=7, out="c").manifest
+    assert first.equals(again)
+    assert set(first["path"]) != set(other["path"])
+
+
+def test_bad_files_are_skipped_listed_and_never_copied(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    raw = root / "data" / "raw"
+    bad = {
+        "chest_xray/train/NORMAL/IM-0900-0001.jpeg": corrupt_jpeg(),
+        "chest_xray/train/NORMAL/IM-0901-0001.jpeg": _cut(image_bytes("trunc", ".jpg", 64)),
+        "chest_xray/train/PNEUMONIA/person900_virus_1.jpeg": b"GIF89a not really",
+        "chest_xray/test/NORMAL/notes.txt": b"readme",
+        "covid-chestxray-dataset/images/covid-2-1.png": _cut(image_bytes("x", ".png", 64)),
+    }
+    for relative, payload in bad.items():
+        (raw / relative).write_bytes(payload)
+    result = build(root)
+    out = root / "data" / "datasets"
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert list(skipped.columns) == ["source", "reason"]
+    assert sorted(skipped["source"]) == sorted(bad)
+    reasons = dict(zip(skipped["source"], skipped["reason"].str.split(":").str[0], strict=True))
+    assert reasons["chest_xray/train/NORMAL/IM-0900-0001.jpeg"] == "corrupt"
+    assert reasons["chest_xray/train/NORMAL/IM-0901-0001.jpeg"] == "truncated"
+    assert reasons["chest_xray/test/NORMAL/notes.txt"] == "not_image"
+    assert not set(bad) & set(result.manifest["source"])
+    assert result.report["skipped"]["total"] == 5
+    assert result.report["skipped"]["corrupt"] == 2
+    # one COVID training image less -> one fewer NORMAL/PNEUMONIA image drawn to balance
+    assert result.report["images"]["covid_normal"] == {"covid": 9, "normal": 9}
+
+
+def test_duplicates_are_removed_before_sampling(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    raw = root / "data" / "raw"
+    test_image = raw / "chest_xray" / "test" / "NORMAL" / "IM-5000-0001.jpeg"
+    for i in range(3):  # three training NORMAL files that are copies of a test image
+        shutil.copy(test_image, raw / "chest_xray/train/NORMAL" / f"IM-{8000 + i}-0001.jpeg")
+    covid = raw / "covid-chestxray-dataset" / "images"
+    shutil.copy(covid / "covid-1000-0.jpg", covid / "covid-1-0.jpg")  # train == held out
+    result = build(root)
+    skipped = pd.read_csv(root / "data" / "datasets" / "skipped.csv")
+    duplicates = skipped[skipped["reason"].str.startswith("duplicate")]
+    assert len(duplicates) == 4
+    assert "covid-chestxray-dataset/images/covid-1000-0.jpg" in " ".join(duplicates["reason"])
+    assert result.report["skipped"]["duplicate"] == 4
+    manifest = result.manifest
+    assert manifest["sha256"][manifest["set"] == "covid_normal"].is_unique
+    assert not (manifest["source"] == "covid-chestxray-dataset/images/covid-1-0.jpg").any()
+
+
+def test_disjointness_check_fires_on_a_planted_duplicate(tmp_path: Path) -> None:
+    manifest = build(make_tree(tmp_path)).manifest
+    check_disjoint(manifest)  # the real build is clean
+    planted = manifest.copy()
+    training = planted.index[planted["set"] == "covid_normal"][0]
+    heldout = planted.index[(planted["set"] == "heldout") & (planted["label"] == "normal")][0]
+    planted.loc[heldout, "sha256"] = planted.loc[training, "sha256"]
+    with pytest.raises(PipelineError) as info:
+        check_disjoint(planted)
+    message = str(info.value)
+    assert "disjoint" in message
+    assert planted.loc[heldout, "path"] in message and planted.loc[training, "path"] in message
+
+
+def test_not_enough_kermany_images_names_param_and_numbers(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    with pytest.raises(PipelineError, match=r"train/NORMAL: copy.heldout_normal=25 but only 20 "
+                                            r"files are there; lower copy.heldout_normal"):
+        build(root, normal=25)
+    normal = root / "data" / "raw" / "chest_xray" / "train" / "NORMAL"
+    for path in sorted(normal.iterdir())[:2]:
+        path.write_bytes(b"broken")
+    with pytest.raises(PipelineError, match=r"copy.heldout_normal=19 but only 18 readable, "
+                                            r"unique images \(18 patients\)"):
+        build(root, normal=19, out="after-decoding")
+    with pytest.raises(PipelineError) as info:
+        build(root, normal=12, out="other")
+    message = str(info.value)
+    assert "covid_normal needs 10 normal images to balance its 10 COVID training images" in message
+    assert "only 6 readable, unique images remain" in message
+    assert "copy.heldout_normal=12" in message
+
+
+def test_missing_inputs_are_clear_errors(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "a")
+    shutil.rmtree(root / "data" / "raw" / "chest_xray" / "test" / "PNEUMONIA")
+    with pytest.raises(PipelineError, match=r"test/PNEUMONIA: folder not found"):
+        build(root)
+    root = make_tree(tmp_path / "b")
+    (root / "data" / "interim" / "covid_selected.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(PipelineError, match=r"covid_selected.csv: missing column\(s\) "
+                                            r"patient_id, image_path"):
+        build(root)
+    (root / "data" / "interim" / "covid_selected.csv").unlink()
+    with pytest.raises(PipelineError, match=r"covid_selected.csv: not found; run the "
+                                            r"select_metadata stage"):
+        build(root, out="other")
+
+
+def test_real_sample_is_too_small_to_balance_and_says_why(tmp_path: Path,
+                                                          xray_sample: Path) -> None:
+    from covid_xray.metadata import select_covid, write_selection
+    from covid_xray.params import SelectParams
+
+    selection = select_covid(xray_sample / "covid-chestxray-dataset" / "metadata.csv",
+                             SelectParams())
+    write_selection(selection, tmp_path / "interim")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(PipelineError, match=r"covid_normal needs \d+ normal images to balance"):
+        build_datasets(xray_sample, tmp_path / "interim", tmp_path / "out", 42,
+                       CopyParams(heldout_normal=2, heldout_pneumonia=2))
+
+
+# ------------------------------------------------------------------------------- stage main
+def test_stage_builds_folder_atomically(tmp_path: Path, repo_root: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages import copy_images
+
+    root = make_tree(tmp_path)
+    params = (repo_root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(params.replace("heldout_normal: 20", "heldout_normal: 4")
+                                      .replace("heldout_pneumonia: 20", "heldout_pneumonia: 4"))
+    stale = root / "data" / "datasets" / "stale.jpeg"
+    put_image(stale)
+    monkeypatch.setenv("COVID_XRAY_ROOT", str(root))
+    copy_images.main()
+    assert not stale.exists()
+    assert (root / "data" / "datasets" / "manifest.csv").is_file()
+    metric = json.loads((root / "metrics" / "copy_images.json").read_text())
+    assert metric["images"]["heldout"] == {"covid": 4, "normal": 4, "pneumonia": 4}
+    leftovers = [p.name for p in (root / "data").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    # a failing run leaves the previous folder in place, and no temp folder behind
+    (root / "params.yaml").write_text(params.replace("heldout_normal: 20", "heldout_normal: 99"))
+    with pytest.raises(PipelineError):
+        copy_images.main()
+    assert (root / "data" / "datasets" / "manifest.csv").is_file()
+    assert [p.name for p in (root / "data").iterdir() if p.name.startswith(".")] == []
