@@ -22,6 +22,16 @@ from typing import Any
 log = logging.getLogger("covid_xray")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
 class PipelineError(RuntimeError):
     """A user-fixable problem (bad input file, missing column...). Printed without a traceback."""
 
@@ -37,6 +47,8 @@ def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():  # mkstemp makes 0600 files; outputs get the usual umask-based mode
+            os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -51,6 +63,7 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, _DIR_MODE)  # mkdtemp makes 0700 folders
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.exists():

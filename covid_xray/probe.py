@@ -1,0 +1,330 @@
+"""Shortcut probe: can the classes be told apart without looking at disease?
+
+The seed's COVID images are adults' X-rays collected from papers and websites; its NORMAL and
+PNEUMONIA images are children's X-rays from one hospital. A model can score perfectly by recognising
+the SOURCE (DeGrave et al., Nature Machine Intelligence 2021). Two cheap linear probes measure how
+easy that is, per model, on all of the model's images (train + val + test):
+
+(a) ``trivial``: logistic regression on per-image statistics that say nothing about lungs: stored
+    width, height, aspect ratio, file format (one-hot), bit depth, channel count, colourfulness,
+    mean and standard deviation of intensity, mean intensity of the outer 5% frame;
+(b) ``random``: logistic regression on globally average-pooled features of the model's backbone
+    with RANDOM weights (never trained: whatever it separates is low-level appearance).
+
+Both are standardised and scored by cross-validated ROC AUC, grouped by patient when possible.
+
+(a) is blind to disease by construction, so it alone decides ``fired``: above the threshold, the
+labels are predictable from acquisition/source, and the stage log says so. (b) is reported beside
+it (``random_fired``, and its own warning) but cannot tell source from disease: an untrained
+network also sees a strong disease pattern. On the demo data without the planted artefact, (a) is
+0.71 / 0.64 and (b) 0.91 / 0.90 (the synthetic lesions are plain to see); on the real data the
+issue measured (b) at 0.999.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
+
+from covid_xray.imaging import (
+    ImageDecodeError,
+    decode_image,
+    read_image_info,
+    resize_square,
+    to_model_input,
+)
+from covid_xray.io import PipelineError
+
+log = logging.getLogger(__name__)
+
+PROBE_MAX_IMG_SIZE = 64
+"""The random backbone sees images at min(model.img_size, 64) px: a random network's low-level
+features need no detail, and VGG16 at 64 px costs 1/12 of 224 px (seconds on demo data)."""
+BORDER_FRACTION = 0.05
+NUMERIC_FEATURES: tuple[str, ...] = ("width", "height", "aspect", "bit_depth", "channels",
+                                     "colour", "mean", "std", "border_mean")
+DEGRAVE = "See DeGrave et al. 2021 (Nature Machine Intelligence, doi:10.1038/s42256-021-00338-7)."
+
+
+def probe_img_size(model_img_size: int) -> int:
+    """The random backbone's input size: the model's, capped at :data:`PROBE_MAX_IMG_SIZE`."""
+    return min(model_img_size, PROBE_MAX_IMG_SIZE)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What the probes need from one file: its trivial statistics and a small RGB thumbnail."""
+
+    sha256: str
+    stats: dict[str, float]
+    format: str
+    thumbnail: np.ndarray
+    """uint8 RGB ``(S, S, 3)``, resized with the pipeline's own :func:`resize_square`."""
+
+
+def border_mean(grey: np.ndarray, fraction: float = BORDER_FRACTION) -> float:
+    """Mean of the outer frame (``fraction`` of each side, at least 1 px): markers, film edges,
+    letterboxing and scanner borders live there, disease does not."""
+    height, width = grey.shape
+    dy, dx = max(1, round(height * fraction)), max(1, round(width * fraction))
+    mask = np.ones_like(grey, dtype=bool)
+    mask[dy:height - dy, dx:width - dx] = False
+    return float(grey[mask].mean())
+
+
+def describe_image(data: bytes, thumb_size: int, sha256: str | None = None) -> ImageRecord:
+    """Trivial statistics of one image (header + decoded pixels) and its thumbnail."""
+    info = read_image_info(data)
+    rgb = decode_image(data)
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    channels = rgb.astype(np.int16)
+    colour = float(np.abs(channels[..., 0] - channels[..., 1]).mean()
+                   + np.abs(channels[..., 1] - channels[..., 2]).mean()) / 255.0
+    stats = {
+        "width": float(info.width),
+        "height": float(info.height),
+        "aspect": info.width / info.height,
+        "bit_depth": float(info.bit_depth),
+        "channels": float(Image.getmodebands(info.mode)),
+        "colour": colour,
+        "mean": float(grey.mean()),
+        "std": float(grey.std()),
+        "border_mean": border_mean(grey),
+    }
+    return ImageRecord(sha256=sha256 or hashlib.sha256(data).hexdigest(), stats=stats,
+                       format=info.format, thumbnail=resize_square(rgb, thumb_size))
+
+
+def describe_files(files: Sequence[Path], thumb_size: int, progress: bool = True
+                   ) -> tuple[dict[Path, ImageRecord], list[tuple[Path, str]]]:
+    """:func:`describe_image` for every file; undecodable ones are skipped and returned.
+
+    Files with identical bytes (the COVID images both models use) are decoded once and share
+    one record, so callers can run the backbone once per distinct image (:func:`unique_records`).
+    """
+    records: dict[Path, ImageRecord] = {}
+    by_sha: dict[str, ImageRecord] = {}
+    skipped: list[tuple[Path, str]] = []
+    for file in tqdm(sorted(set(files)), desc="probe: image statistics", unit="img",
+                     disable=not progress):
+        try:
+            data = file.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            if sha not in by_sha:
+                by_sha[sha] = describe_image(data, thumb_size, sha256=sha)
+            records[file] = by_sha[sha]
+        except (ImageDecodeError, OSError) as exc:
+            skipped.append((file, str(exc)))
+    return records, skipped
+
+
+def unique_records(records: Mapping[Path, ImageRecord]) -> list[ImageRecord]:
+    """One record per distinct content (SHA-256), in a stable order."""
+    return [r for _, r in sorted({r.sha256: r for r in records.values()}.items())]
+
+
+def trivial_matrix(records: Sequence[ImageRecord]) -> tuple[np.ndarray, list[str]]:
+    """Rows of trivial statistics plus one-hot file format columns (``format=png``...)."""
+    formats = sorted({record.format for record in records})
+    names = [*NUMERIC_FEATURES, *(f"format={fmt}" for fmt in formats)]
+    rows = [[record.stats[name] for name in NUMERIC_FEATURES]
+            + [float(record.format == fmt) for fmt in formats] for record in records]
+    return np.asarray(rows, dtype=np.float64).reshape(len(records), len(names)), names
+
+
+def random_backbone_features(thumbnails: np.ndarray, backbone: str, seed: int,
+                             batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """Globally average-pooled feature maps of ``backbone`` with random weights drawn from ``seed``.
+
+    ``thumbnails``: uint8 RGB ``(n, S, S, 3)``; the backbone is built at S px.
+    """
+    from covid_xray.modeling import build_backbone  # TensorFlow only when this probe runs
+
+    size = int(thumbnails.shape[1])
+    model = build_backbone(backbone, size, "none", seed)
+    batches = []
+    for start in tqdm(range(0, len(thumbnails), batch_size), desc="probe: random features",
+                      unit="batch", disable=not progress):
+        batch = to_model_input(thumbnails[start:start + batch_size])
+        maps = np.asarray(model([batch], training=False))  # inputs are a list of one
+        batches.append(maps.mean(axis=(1, 2)))
+    channels = int(model.output_shape[-1])
+    return np.concatenate(batches) if batches else np.zeros((0, channels), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class CvResult:
+    """A cross-validated ROC AUC (None when the data cannot be cross-validated)."""
+
+    auc: float | None
+    folds: int
+    grouped: bool
+
+
+def _probe_classifier() -> Any:
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+
+
+def cross_validated_auc(features: np.ndarray, labels: np.ndarray, groups: Sequence[str],
+                        folds: int, seed: int) -> CvResult:
+    """Mean ROC AUC over folds of a standardised logistic regression.
+
+    Folds keep a patient's images together (StratifiedGroupKFold) when every class has at least
+    two patients; fewer folds are used when a class has fewer patients than ``folds``; without
+    enough patients, plain stratified folds. Folds whose test part holds one class are skipped.
+    """
+    labels = np.asarray(labels, dtype=int)
+    groups = np.asarray(groups)
+    per_class_groups = [len(set(groups[labels == c])) for c in (0, 1)]
+    per_class_images = [int((labels == c).sum()) for c in (0, 1)]
+    if min(per_class_groups) >= 2:
+        n_splits = min(folds, *per_class_groups)
+        splitter: Any = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        grouped = True
+    elif min(per_class_images) >= 2:
+        n_splits = min(folds, *per_class_images)
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        grouped = False
+    else:
+        return CvResult(auc=None, folds=0, grouped=False)
+    aucs = []
+    parts = (splitter.split(features, labels, groups) if grouped
+             else splitter.split(features, labels))
+    for train, test in parts:
+        if len(set(labels[test])) < 2 or len(set(labels[train])) < 2:
+            continue
+        classifier = _probe_classifier().fit(features[train], labels[train])
+        aucs.append(roc_auc_score(labels[test], classifier.predict_proba(features[test])[:, 1]))
+    return CvResult(auc=float(np.mean(aucs)) if aucs else None, folds=len(aucs), grouped=grouped)
+
+
+def top_features(features: np.ndarray, labels: np.ndarray, names: Sequence[str],
+                 k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` standardised coefficients of largest magnitude (fit on all images): what the
+    trivial probe leans on; positive means "more of it -> positive class"."""
+    if len(set(labels.tolist())) < 2:
+        return []
+    classifier = _probe_classifier().fit(features, labels)
+    coefficients = classifier[-1].coef_[0]
+    order = np.argsort(-np.abs(coefficients), kind="stable")[:k]
+    return [(names[i], float(coefficients[i])) for i in order if coefficients[i] != 0.0]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Both probes of one model, and whether either crossed the threshold."""
+
+    model: str
+    positive: str
+    negative: str
+    images: int
+    skipped: int
+    trivial: CvResult
+    random: CvResult
+    top_trivial: list[tuple[str, float]]
+    threshold: float
+    backbone: str
+    img_size: int
+
+    @property
+    def trivial_fired(self) -> bool:
+        return self.trivial.auc is not None and self.trivial.auc > self.threshold
+
+    @property
+    def random_fired(self) -> bool:
+        return self.random.auc is not None and self.random.auc > self.threshold
+
+    @property
+    def fired(self) -> bool:
+        """The shortcut verdict: the disease-blind statistics separate the classes."""
+        return self.trivial_fired
+
+    def metrics(self) -> dict[str, Any]:
+        """One entry of metrics/probe.json (AUCs rounded: they are estimates on few images)."""
+        return {
+            "trivial_stats_auc": _round(self.trivial.auc),
+            "random_features_auc": _round(self.random.auc),
+            "threshold": self.threshold,
+            "fired": self.fired,
+            "trivial_fired": self.trivial_fired,
+            "random_fired": self.random_fired,
+            "top_trivial_features": [name for name, _ in self.top_trivial],
+            "images": self.images,
+            "skipped": self.skipped,
+            "folds": self.trivial.folds,
+            "grouped_by_patient": self.trivial.grouped,
+            "backbone": self.backbone,
+            "probe_img_size": self.img_size,
+        }
+
+    def warnings(self) -> list[str]:
+        """The lines the stage log must show when a probe fires."""
+        lines = []
+        if self.trivial_fired:
+            top = ", ".join(f"{name} ({coef:+.2f})" for name, coef in self.top_trivial[:3])
+            lines.append(
+                f"WARNING {self.model}: image statistics alone separate {self.positive} from "
+                f"{self.negative} (AUC {self.trivial.auc:.2f} > {self.threshold:.2f}; strongest: "
+                f"{top}): the model may be learning the data SOURCE, not disease. {DEGRAVE}")
+        if self.random_fired:
+            lines.append(
+                f"WARNING {self.model}: an UNTRAINED {self.backbone} (random weights) separates "
+                f"{self.positive} from {self.negative} (AUC {self.random.auc:.2f} > "
+                f"{self.threshold:.2f}): the classes differ in appearance a network sees without "
+                "any training (source or disease: this probe cannot tell which), so a high test "
+                f"score alone is no evidence of disease detection. {DEGRAVE}")
+        return lines
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, 4)
+
+
+def probe_model(model: str, files: Sequence[Path], labels: Sequence[str],
+                patients: Sequence[str], records: Mapping[Path, ImageRecord],
+                random_features: Mapping[str, np.ndarray] | None, *, positive: str,
+                negative: str, threshold: float, folds: int, seed: int, backbone: str,
+                img_size: int) -> ProbeResult:
+    """Run both probes on one model's images (files missing from ``records`` were undecodable).
+
+    ``random_features`` maps a record's SHA-256 to its pooled random-backbone features; None skips
+    probe (b) (its AUC is then None).
+    """
+    unknown = sorted(set(labels) - {positive, negative})
+    if unknown:
+        raise PipelineError(f"{model}: label(s) {', '.join(map(repr, unknown))} are neither "
+                            f"{positive!r} nor {negative!r}; the split file does not belong to "
+                            "this model (re-run the split stage)")
+    keep = [i for i, file in enumerate(files) if file in records]
+    kept_files = [files[i] for i in keep]
+    y = np.array([labels[i] == positive for i in keep], dtype=int)
+    # an image without a patient id is its own group
+    groups = [patients[i] or f"file:{os.fspath(files[i])}" for i in keep]
+    x_trivial, names = trivial_matrix([records[f] for f in kept_files])
+    trivial = cross_validated_auc(x_trivial, y, groups, folds, seed)
+    if random_features is not None and kept_files:
+        x_random = np.stack([random_features[records[f].sha256]
+                             for f in kept_files]).astype(np.float64)
+        random = cross_validated_auc(x_random, y, groups, folds, seed)
+    else:
+        random = CvResult(auc=None, folds=0, grouped=False)
+    return ProbeResult(model=model, positive=positive, negative=negative, images=len(keep),
+                       skipped=len(files) - len(keep), trivial=trivial, random=random,
+                       top_trivial=top_features(x_trivial, y, names), threshold=threshold,
+                       backbone=backbone, img_size=img_size)
