@@ -93,19 +93,34 @@ def build_backbone(backbone: str, img_size: int, weights: str, seed: int) -> ker
 
 
 def pooled_features(feature_maps: np.ndarray, pool_size: int) -> np.ndarray:
-    """What the head's AveragePooling2D + Flatten produce, in NumPy (to fit Normalization)."""
+    """What the head's AveragePooling2D(padding="same") + Flatten produce, in NumPy.
+
+    Used to fit the head's Normalization and the out-of-distribution statistics on cached
+    features. Windows that overhang the map average their valid cells only (as TensorFlow does).
+    """
     n, height, width, channels = feature_maps.shape
-    out_h, out_w = height // pool_size, width // pool_size
-    trimmed = feature_maps[:, : out_h * pool_size, : out_w * pool_size, :]
-    pooled = trimmed.reshape(n, out_h, pool_size, out_w, pool_size, channels).mean(axis=(2, 4))
-    return pooled.reshape(n, -1)
+
+    def windows(size: int) -> list[tuple[int, int]]:
+        count = -(-size // pool_size)
+        before = max((count - 1) * pool_size + pool_size - size, 0) // 2
+        return [(max(i * pool_size - before, 0), min(i * pool_size - before + pool_size, size))
+                for i in range(count)]
+
+    pooled = np.stack([
+        np.stack([feature_maps[:, r0:r1, c0:c1, :].mean(axis=(1, 2)) for c0, c1 in windows(width)],
+                 axis=1)
+        for r0, r1 in windows(height)], axis=1)
+    return pooled.reshape(n, -1).astype(np.float32)
 
 
 def build_head(feature_shape: tuple[int, int, int], pool_size: int, dense_nodes: int,
                dropout: float, mean: np.ndarray, variance: np.ndarray) -> keras.Model:
     """The trainable head on top of cached backbone features."""
     inputs = keras.Input(shape=feature_shape, name="features")
-    x = keras.layers.AveragePooling2D(pool_size=(pool_size, pool_size), name="pool")(inputs)
+    # padding="same": the seed's valid pooling of VGG16's 7x7 map with pool 4 kept only the
+    # top-left 4x4 cells, so the lower lung zones never reached the head.
+    x = keras.layers.AveragePooling2D(pool_size=(pool_size, pool_size), padding="same",
+                                      name="pool")(inputs)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Normalization(mean=mean, variance=np.maximum(variance, 1e-12),
                                    name="standardise")(x)

@@ -92,5 +92,11 @@ def test_pooled_features_match_the_keras_pooling() -> None:
     import keras
 
     maps = np.random.default_rng(0).random((2, 7, 7, 3)).astype(np.float32)
-    expected = keras.layers.AveragePooling2D(pool_size=(2, 2))(maps).numpy().reshape(2, -1)
-    assert np.allclose(pooled_features(maps, 2), expected, atol=1e-6)
+    for pool in (1, 2, 3, 4, 7):
+        layer = keras.layers.AveragePooling2D(pool_size=(pool, pool), padding="same")
+        expected = layer(maps).numpy().reshape(2, -1)
+        assert np.allclose(pooled_features(maps, pool), expected, atol=1e-6), pool
+    # the whole map reaches the head: the bottom-right cell changes the pooled vector
+    changed = maps.copy()
+    changed[:, 6, 6, :] += 10.0
+    assert not np.allclose(pooled_features(changed, 4), pooled_features(maps, 4))

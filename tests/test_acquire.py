@@ -1,0 +1,508 @@
+"""The acquire stage: demo, download (against a real local HTTP server), and local folders."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from covid_xray.acquire import (
+    RemoteArchive,
+    acquire,
+    count_raw,
+    describe,
+    download,
+    link_tree,
+    safe_extract,
+)
+from covid_xray.config import Paths
+from covid_xray.io import PipelineError
+from covid_xray.params import Params, parse_params
+
+# --------------------------------------------------------------------------------------------
+# A real HTTP server on 127.0.0.1 with Range support
+# --------------------------------------------------------------------------------------------
+
+
+class ArchiveServer:
+    """Serves in-memory files; honours ``Range: bytes=N-`` unless ``ignore_range`` is set."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.ignore_range = False
+        self.cut_after: int | None = None  # send only this many bytes, then drop the connection
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep pytest output clean
+                pass
+
+            def do_GET(self) -> None:
+                header = self.headers.get("Range")
+                server.requests.append((self.path, header))
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                if header and not server.ignore_range:
+                    start = int(header.removeprefix("bytes=").split("-")[0])
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range",
+                                     f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                if server.cut_after is not None:
+                    self.wfile.write(body[start:start + server.cut_after])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={
+            "poll_interval": 0.05}, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+
+@pytest.fixture()
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ArchiveServer]:
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    srv = ArchiveServer()
+    srv.thread.start()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (24, 20), dtype=np.uint8)
+    return cv2.imencode(".jpg", pixels)[1].tobytes()
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _dataset_zips() -> dict[str, bytes]:
+    """Tiny archives shaped like the three published ones (top folders, __MACOSX and all)."""
+    covid_top = "covid-chestxray-dataset-6a42423/"
+    metadata = ("patientid,offset,sex,age,finding,view,modality,date,folder,filename,\n"
+                "2,0,M,65,Pneumonia/Viral/COVID-19,PA,X-ray,\"January 22, 2020\",images,a.jpeg,\n"
+                "2,3,M,65,Pneumonia/Viral/COVID-19 ,PA,X-ray,2020,images,b.jpeg,\n"
+                "3,0,F,40,Pneumonia/Viral/SARS,PA,X-ray,2004,images,gone.jpeg,\n")
+    covid = _zip({covid_top + "metadata.csv": metadata.encode(),
+                  covid_top + "images/a.jpeg": _jpeg(1), covid_top + "images/b.jpeg": _jpeg(2),
+                  covid_top + "volumes/DOWNLOAD.md": b"CT volumes are hosted elsewhere\n"})
+    kermany_entries = {}
+    for split in ("train", "test"):
+        for k, label in enumerate(("NORMAL", "PNEUMONIA")):
+            name = "IM-0115-0001.jpeg" if label == "NORMAL" else "person1_virus_6.jpeg"
+            kermany_entries[f"chest_xray/{split}/{label}/{name}"] = _jpeg(10 + k)
+            kermany_entries[f"__MACOSX/chest_xray/{split}/{label}/._{name}"] = b"\x00\x05"
+    kermany_entries["chest_xray/.DS_Store"] = b"junk"
+    actualmed = _zip({
+        "Actualmed-COVID-chestxray-dataset-master/metadata.csv":
+            b"patientid,finding,view,imagename\nANON1,COVID-19,PA,c1.png\n"
+            b"ANON2,No finding,PA,n1.png\nANON3,,PA,i1.png\n",
+        "Actualmed-COVID-chestxray-dataset-master/images/c1.png": _jpeg(20),
+        "Actualmed-COVID-chestxray-dataset-master/images/n1.png": _jpeg(21),
+        "Actualmed-COVID-chestxray-dataset-master/images/i1.png": _jpeg(22)})
+    return {"/covid.zip": covid, "/kermany.zip": _zip(kermany_entries),
+            "/actualmed.zip": actualmed}
+
+
+def _archives(server: ArchiveServer, sha256: dict[str, str] | None = None) -> list[RemoteArchive]:
+    sha256 = sha256 or {}
+    layouts = (("/covid.zip", "covid"), ("/kermany.zip", "kermany"),
+               ("/actualmed.zip", "actualmed"))
+    return [RemoteArchive(name=layout, url=server.url(path), filename=path.strip("/"),
+                          layout=layout, sha256=sha256.get(path)) for path, layout in layouts]
+
+
+def _params(source: str, root: Path, **demo: Any) -> Params:
+    raw: dict[str, Any] = {"data": {"source": source}}
+    if demo:
+        raw["data"]["demo"] = demo
+    return parse_params(raw, root=root)
+
+
+def _leftovers(data_dir: Path) -> list[str]:
+    """Temporary folders of an interrupted atomic swap."""
+    return sorted(p.name for p in data_dir.iterdir() if p.name.startswith(".raw."))
+
+
+# --------------------------------------------------------------------------------------------
+# download
+# --------------------------------------------------------------------------------------------
+
+def test_full_download_verifies_and_records_sha256(server: ArchiveServer, tmp_path: Path) -> None:
+    payload = os.urandom(300_000)
+    server.files["/big.zip"] = payload
+    expected = hashlib.sha256(payload).hexdigest()
+    archive = RemoteArchive("big", server.url("/big.zip"), "big.zip", "covid",
+                            size=len(payload), sha256=expected)
+    info = download(archive, tmp_path, progress=False)
+    assert (tmp_path / "big.zip").read_bytes() == payload
+    assert not (tmp_path / "big.zip.part").exists()
+    assert info["sha256"] == expected and info["sha256_verified"] and info["bytes"] == len(payload)
+    # A second call reuses the verified file without touching the network.
+    before = len(server.requests)
+    assert download(archive, tmp_path, progress=False)["cached"] is True
+    assert len(server.requests) == before
+
+
+def test_download_resumes_from_a_partial_file(server: ArchiveServer, tmp_path: Path) -> None:
+    payload = os.urandom(200_000)
+    server.files["/data.zip"] = payload
+    (tmp_path / "data.zip.part").write_bytes(payload[:70_000])
+    archive = RemoteArchive("data", server.url("/data.zip"), "data.zip", "covid")
+    info = download(archive, tmp_path, progress=False)
+    assert server.requests == [("/data.zip", "bytes=70000-")]
+    assert info["resumed_from"] == 70_000
+    assert (tmp_path / "data.zip").read_bytes() == payload
+    assert info["sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+def test_interrupted_download_keeps_the_part_and_the_next_run_resumes(
+        server: ArchiveServer, tmp_path: Path) -> None:
+    payload = os.urandom(300_000)
+    server.files["/data.zip"] = payload
+    server.cut_after = 150_000  # the client keeps every complete 64 KiB block it received
+    archive = RemoteArchive("data", server.url("/data.zip"), "data.zip", "covid")
+    with pytest.raises(PipelineError, match="run the stage again to resume"):
+        download(archive, tmp_path, progress=False)
+    partial = (tmp_path / "data.zip.part").read_bytes()
+    assert 0 < len(partial) < len(payload) and payload.startswith(partial)
+    assert not (tmp_path / "data.zip").exists()
+    server.cut_after = None
+    info = download(archive, tmp_path, progress=False)
+    assert server.requests[-1] == ("/data.zip", f"bytes={len(partial)}-")
+    assert info["resumed_from"] == len(partial)
+    assert (tmp_path / "data.zip").read_bytes() == payload
+
+
+def test_download_restarts_when_the_server_ignores_range(server: ArchiveServer,
+                                                         tmp_path: Path) -> None:
+    payload = os.urandom(50_000)
+    server.files["/data.zip"] = payload
+    server.ignore_range = True
+    (tmp_path / "data.zip.part").write_bytes(b"stale bytes from another version")
+    info = download(RemoteArchive("d", server.url("/data.zip"), "data.zip", "covid"), tmp_path,
+                    progress=False)
+    assert (tmp_path / "data.zip").read_bytes() == payload
+    assert info["resumed_from"] == 0
+
+
+def test_complete_partial_file_is_accepted_after_416(server: ArchiveServer,
+                                                     tmp_path: Path) -> None:
+    payload = os.urandom(10_000)
+    server.files["/data.zip"] = payload
+    (tmp_path / "data.zip.part").write_bytes(payload)
+    download(RemoteArchive("d", server.url("/data.zip"), "data.zip", "covid"), tmp_path,
+             progress=False)
+    assert (tmp_path / "data.zip").read_bytes() == payload
+
+
+def test_http_error_is_reported_with_the_url(server: ArchiveServer, tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match=r"HTTP 404.*place missing\.zip"):
+        download(RemoteArchive("m", server.url("/missing.zip"), "missing.zip", "covid"),
+                 tmp_path, progress=False)
+
+
+def test_download_source_builds_data_raw_in_the_contract_layout(server: ArchiveServer,
+                                                                tmp_path: Path) -> None:
+    server.files.update(_dataset_zips())
+    paths = Paths(tmp_path)
+    summary = acquire(_params("download", tmp_path), paths, archives=_archives(server),
+                      progress=False)
+    raw = paths.raw
+    assert (raw / "covid-chestxray-dataset" / "metadata.csv").is_file()
+    assert sorted(p.name for p in (raw / "covid-chestxray-dataset" / "images").iterdir()) == [
+        "a.jpeg", "b.jpeg"]
+    for split in ("train", "test"):
+        assert [p.name for p in (raw / "chest_xray" / split / "NORMAL").iterdir()] == [
+            "IM-0115-0001.jpeg"]
+    assert not list(raw.rglob("__MACOSX")) and not list(raw.rglob(".DS_Store"))
+    assert [p.name for p in (raw / "external" / "covid").iterdir()] == ["c1.png"]
+    assert [p.name for p in (raw / "external" / "normal").iterdir()] == ["n1.png"]
+    assert not (raw / ".extract").exists()
+
+    source = json.loads((raw / "SOURCE.json").read_text())
+    assert source == summary and source["source"] == "download"
+    digests = {a["file"]: a["sha256"] for a in source["archives"]}
+    for path, body in _dataset_zips().items():
+        assert digests[path.strip("/")] == hashlib.sha256(body).hexdigest()
+    counts = source["counts"]
+    assert counts["covid_rows"] == 3 and counts["covid_missing_files"] == 1
+    assert counts["kermany"] == {"test": {"NORMAL": 1, "PNEUMONIA": 1},
+                                 "train": {"NORMAL": 1, "PNEUMONIA": 1}}
+    assert counts["external"] == {"covid": 1, "normal": 1}
+    assert (paths.downloads / "covid.zip").is_file()  # cached for the next run
+
+    # Second run: archives are reused (no request at all), the result is identical.
+    before = len(server.requests)
+    again = acquire(_params("download", tmp_path), paths, archives=_archives(server),
+                    progress=False)
+    assert len(server.requests) == before
+    assert again == summary
+
+
+def test_checksum_mismatch_fails_clearly_and_leaves_nothing_half_written(
+        server: ArchiveServer, tmp_path: Path) -> None:
+    server.files.update(_dataset_zips())
+    paths = Paths(tmp_path)
+    paths.raw.mkdir(parents=True)
+    (paths.raw / "previous.txt").write_text("the last good data/raw")
+    archives = _archives(server, sha256={"/kermany.zip": "0" * 64})
+    with pytest.raises(PipelineError, match=r"kermany\.zip: SHA-256 [0-9a-f]{64} does not match"):
+        acquire(_params("download", tmp_path), paths, archives=archives, progress=False)
+    assert [p.name for p in paths.raw.iterdir()] == ["previous.txt"]
+    assert _leftovers(paths.data) == []
+    assert not (paths.downloads / "kermany.zip").exists()
+    assert not (paths.downloads / "kermany.zip.part").exists()
+
+
+def test_offline_fails_at_once_with_what_to_do_instead(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    archives = [RemoteArchive("covid", f"http://127.0.0.1:{port}/covid.zip", "covid.zip",
+                              "covid")]
+    paths = Paths(tmp_path)
+    paths.raw.mkdir(parents=True)
+    (paths.raw / "previous.txt").write_text("kept")
+    started = time.perf_counter()
+    with pytest.raises(PipelineError) as error:
+        acquire(_params("download", tmp_path), paths, archives=archives, progress=False)
+    assert time.perf_counter() - started < 5
+    message = str(error.value)
+    assert f"cannot reach 127.0.0.1:{port}" in message
+    assert "data.source: demo" in message and "local folder" in message
+    assert str(paths.downloads) in message and "covid.zip" in message
+    assert [p.name for p in paths.raw.iterdir()] == ["previous.txt"]
+
+
+def test_archives_placed_by_hand_need_no_network(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    paths.downloads.mkdir(parents=True)
+    archives = []
+    for path, body in _dataset_zips().items():
+        (paths.downloads / path.strip("/")).write_bytes(body)
+        layout = {"/covid.zip": "covid", "/kermany.zip": "kermany",
+                  "/actualmed.zip": "actualmed"}[path]
+        archives.append(RemoteArchive(layout, f"http://127.0.0.1:9{path}", path.strip("/"),
+                                      layout))
+    summary = acquire(_params("download", tmp_path), paths, archives=archives, progress=False)
+    assert summary["counts"]["kermany_images"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# safe extraction
+# --------------------------------------------------------------------------------------------
+
+def _tar(members: list[tarfile.TarInfo], payload: bytes = b"x") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        for member in members:
+            if member.isfile():
+                member.size = len(payload)
+                tf.addfile(member, io.BytesIO(payload))
+            else:
+                tf.addfile(member)
+    return buffer.getvalue()
+
+
+def _tar_member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    return info
+
+
+def _zip_symlink() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("data/ok.txt", b"fine")
+        link = zipfile.ZipInfo("data/link")
+        link.external_attr = (0o120777 << 16)
+        zf.writestr(link, "/etc/passwd")
+    return buffer.getvalue()
+
+
+HOSTILE = {
+    "zip-dotdot.zip": lambda: _zip({"data/ok.txt": b"fine", "data/../../evil.txt": b"owned"}),
+    "zip-absolute.zip": lambda: _zip({"data/ok.txt": b"fine", "/tmp/evil.txt": b"owned"}),
+    "zip-symlink.zip": _zip_symlink,
+    "tar-dotdot.tar.gz": lambda: _tar([_tar_member("data/ok.txt"), _tar_member("../evil.txt")]),
+    "tar-absolute.tar.gz": lambda: _tar([_tar_member("data/ok.txt"),
+                                         _tar_member("/tmp/evil.txt")]),
+    "tar-symlink.tar.gz": lambda: _tar([_tar_member("data/ok.txt"),
+                                        _tar_member("data/link", tarfile.SYMTYPE, "/etc")]),
+    "tar-hardlink.tar.gz": lambda: _tar([_tar_member("data/ok.txt"),
+                                         _tar_member("data/hard", tarfile.LNKTYPE,
+                                                     "../../etc/passwd")]),
+    "tar-device.tar.gz": lambda: _tar([_tar_member("data/ok.txt"),
+                                       _tar_member("data/dev", tarfile.CHRTYPE)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_extraction_refuses_members_escaping_the_target(tmp_path: Path, name: str) -> None:
+    archive = tmp_path / name
+    archive.write_bytes(HOSTILE[name]())
+    target = tmp_path / "sandbox" / "out"
+    with pytest.raises(PipelineError, match="refusing member"):
+        safe_extract(archive, target, progress=False)
+    # Checked before writing: not even the harmless member was extracted.
+    assert list(target.rglob("*")) == []
+    assert sorted(p.name for p in (tmp_path / "sandbox").iterdir()) == ["out"]
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_extraction_of_a_clean_tar_and_a_non_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "ok.tar.gz"
+    archive.write_bytes(_tar([_tar_member("top/"[:-1], tarfile.DIRTYPE),
+                              _tar_member("top/a.txt"), _tar_member("top/b/c.txt")]))
+    assert safe_extract(archive, tmp_path / "out", progress=False) == 2
+    assert (tmp_path / "out" / "top" / "b" / "c.txt").read_bytes() == b"x"
+    junk = tmp_path / "page.zip"
+    junk.write_text("<html>rate limited</html>")
+    with pytest.raises(PipelineError, match="neither a zip nor a tar"):
+        safe_extract(junk, tmp_path / "out2", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# local folder and demo
+# --------------------------------------------------------------------------------------------
+
+def test_local_source_links_the_real_sample(xray_sample: Path, tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    summary = acquire(_params(str(xray_sample), tmp_path), paths, progress=False)
+    raw = paths.raw
+    assert summary["source"] == "local" and summary["folder"] == str(xray_sample.resolve())
+    counts = summary["counts"]
+    metadata = pd.read_csv(xray_sample / "covid-chestxray-dataset" / "metadata.csv")
+    assert counts["covid_rows"] == len(metadata)
+    assert counts["covid_images"] == len(list(
+        (xray_sample / "covid-chestxray-dataset" / "images").iterdir()))
+    assert counts["covid_missing_files"] > 0  # a partial download: reported, not fatal
+    assert counts["kermany"]["train"] == {"NORMAL": 8, "PNEUMONIA": 8}
+    links = summary["links"]
+    assert links["hardlinks"] + links["symlinks"] == sum(
+        1 for p in (raw / "covid-chestxray-dataset").rglob("*") if p.is_file() or p.is_symlink()
+    ) + sum(1 for p in (raw / "chest_xray").rglob("*") if p.is_file() or p.is_symlink())
+    linked = raw / "chest_xray" / "train" / "NORMAL" / "IM-0416-0001.jpeg"
+    original = xray_sample / "chest_xray" / "train" / "NORMAL" / "IM-0416-0001.jpeg"
+    assert linked.is_symlink() or os.path.samefile(linked, original)  # linked, not copied
+    assert not (raw / "README.md").exists()
+    assert json.loads((raw / "SOURCE.json").read_text())["counts"] == counts
+
+
+def test_local_source_names_what_is_missing(tmp_path: Path) -> None:
+    folder = tmp_path / "mydata"
+    (folder / "chest_xray" / "train").mkdir(parents=True)
+    with pytest.raises(PipelineError) as error:
+        acquire(_params(str(folder), tmp_path), Paths(tmp_path), progress=False)
+    message = str(error.value)
+    assert "covid-chestxray-dataset/metadata.csv" in message and "chest_xray/test/" in message
+    assert "chest_xray/train/" not in message
+
+
+def test_local_source_inside_data_raw_is_refused(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    (paths.raw / "chest_xray").mkdir(parents=True)
+    with pytest.raises(PipelineError, match="inside"):
+        acquire(_params("data/raw", tmp_path), paths, progress=False)
+
+
+def test_link_tree_falls_back_to_symlinks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "x.jpeg").write_bytes(b"1")
+
+    def no_hard_links(*_: Any) -> None:
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    counts = link_tree(tmp_path / "src", tmp_path / "dst")
+    assert counts == {"hardlinks": 0, "symlinks": 1}
+    assert (tmp_path / "dst" / "a" / "x.jpeg").is_symlink()
+    assert (tmp_path / "dst" / "a" / "x.jpeg").read_bytes() == b"1"
+
+
+def test_demo_source_replaces_data_raw_and_writes_source_json(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    (paths.raw / "stale").mkdir(parents=True)
+    params = _params("demo", tmp_path, covid_patients=8, kermany_train=6, kermany_test=2,
+                     max_side=48)
+    summary = acquire(params, paths, progress=False)
+    assert not (paths.raw / "stale").exists() and _leftovers(paths.data) == []
+    assert oct(paths.raw.stat().st_mode & 0o777) != oct(0o700)
+    source = json.loads((paths.raw / "SOURCE.json").read_text())
+    assert source["source"] == "demo" and source["seed"] == 42
+    assert source["demo"]["covid_patients"] == 8
+    counts = count_raw(paths.raw)
+    assert source["counts"] == counts == summary["counts"]
+    generated = source["generated"]
+    for key in ("covid_rows", "covid_images", "covid_missing_files", "kermany_images", "images"):
+        assert generated[key] == counts[key], key
+    line = describe(summary, "data/raw", 2.14)
+    assert line == (f"demo data set, {counts['images']} images ({counts['covid_rows']} COVID "
+                    f"rows, {counts['kermany_images']} Kermany, {counts['external_images']} "
+                    f"external, {counts['covid_missing_files']} listed files missing) in "
+                    "data/raw (2.1 s)")
+
+
+def test_stage_script_logs_one_line(repo_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(
+        "data:\n  source: demo\n  demo:\n    covid_patients: 6\n    kermany_train: 4\n"
+        "    kermany_test: 1\n    max_side: 40\n")
+    result = subprocess.run([sys.executable, str(repo_root / "stages" / "acquire.py")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "acquire: demo data set, " in result.stderr
+    assert "in data/raw (" in result.stderr
+    assert (tmp_path / "data" / "raw" / "SOURCE.json").is_file()
+
+    (tmp_path / "params.yaml").write_text("data:\n  source: demo\n  demo:\n    max_side: 8\n")
+    result = subprocess.run([sys.executable, str(repo_root / "stages" / "acquire.py")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "data.demo.max_side" in result.stderr
