@@ -118,6 +118,7 @@ def acquire(params: Params, paths: Paths, archives: Sequence[RemoteArchive] = DA
             summary = {"source": "local", "folder": str(folder),
                        "links": link_local_source(folder, tmp)}
         validate_layout(tmp, what="data/raw")
+        (tmp / EXTERNAL_DIR).mkdir(exist_ok=True)  # always there: audit and validate depend on it
         summary["counts"] = count_raw(tmp)
         write_json(tmp / SOURCE_FILE, summary)
     return summary

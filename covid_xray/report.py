@@ -1,0 +1,332 @@
+"""The run report (``reports/report.md``) and a model card beside each model.
+
+Both are generated from the metrics files of the same run, so they can never disagree with
+``dvc metrics show``; both say plainly what the numbers do NOT show (tiny test sets, source
+shortcuts, paediatric vs adult images).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths
+from covid_xray.io import PipelineError, atomic_path, write_text
+
+DISCLAIMER = ("**Educational and research use only: not a diagnostic device.** Do not use these "
+              "models to diagnose, treat or triage anyone.")
+METRICS: tuple[str, ...] = ("roc_auc", "sensitivity", "specificity", "accuracy", "precision", "f1")
+TITLES = {"covid_normal": "Model 1: COVID-19 vs normal",
+          "covid_pneumonia": "Model 2: COVID-19 vs pneumonia"}
+REFERENCE = ("DeGrave, Janizek & Lee, *AI for radiographic COVID-19 detection selects shortcuts "
+             "over signal*, Nature Machine Intelligence 3, 610-619 (2021)")
+
+
+@dataclass
+class RunMetrics:
+    """Every metrics file of one run (empty dict where a stage did not write one)."""
+
+    selection: dict[str, Any]
+    copy_images: dict[str, Any]
+    split: dict[str, Any]
+    audit: dict[str, Any]
+    probe: dict[str, Any]
+    evaluate: dict[str, Any]
+    validate: dict[str, Any]
+    models: dict[str, dict[str, Any]]
+    source: dict[str, Any]
+
+    @classmethod
+    def load(cls, paths: Paths) -> RunMetrics:
+        def read(path: Path, required: bool = True) -> dict[str, Any]:
+            if not path.is_file():
+                if required:
+                    raise PipelineError(f"{path}: missing; run the stage that writes it "
+                                        "(`dvc repro`) before the report")
+                return {}
+            return json.loads(path.read_text(encoding="utf-8"))
+
+        m = paths.metrics
+        return cls(
+            selection=read(m / "selection.json"), copy_images=read(m / "copy_images.json"),
+            split=read(m / "split.json"), audit=read(m / "audit.json"),
+            probe=read(m / "probe.json"), evaluate=read(m / "evaluate.json"),
+            validate=read(m / "validate.json"),
+            models={name: read(paths.models / f"{name}.json") for name in MODEL_NAMES},
+            source=read(paths.raw / "SOURCE.json", required=False))
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number for a table; ``n/a`` for undefined (e.g. sensitivity without COVID images)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def with_ci(metrics: dict[str, Any], name: str) -> str:
+    """``0.912 [0.85, 0.97]`` from ``{name: v, name_ci: [lo, hi]}``."""
+    value, ci = metrics.get(name), metrics.get(f"{name}_ci")
+    if value is None:
+        return "n/a"
+    return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_rows(run: RunMetrics, model: str) -> list[tuple[str, dict[str, Any]]]:
+    """(label, metrics) for the internal test split, the held-out union and each external set."""
+    rows = [("internal test split", run.evaluate.get(model, {}))]
+    validate = run.validate.get(model, {})
+    if validate:
+        rows.append(("held-out sets (union)", validate.get("heldout", {})))
+        rows += [(f"external: {name}", metrics)
+                 for name, metrics in sorted(validate.get("external", {}).items())]
+    return rows
+
+
+def results_table(run: RunMetrics, model: str) -> str:
+    header = ["set", "images (covid/other)", *METRICS]
+    rows = [[label, f"{m.get('n', 0)} ({m.get('n_covid', 0)}/{m.get('n_negative', 0)})",
+             *(with_ci(m, name) for name in METRICS)] for label, m in results_rows(run, model)]
+    return table(header, rows)
+
+
+def heldout_table(run: RunMetrics, model: str) -> str:
+    sets = run.validate.get(model, {}).get("sets", {})
+    rows = [[name, s.get("n"), s.get("flagged_positive"), fmt(s.get("mean_score")),
+             fmt(s.get("median_score"))] for name, s in sorted(sets.items())]
+    return table(["set", "images", "flagged COVID", "mean score", "median score"], rows)
+
+
+def probe_lines(run: RunMetrics) -> list[str]:
+    """Plain-language verdict of the shortcut probe, one bullet per model."""
+    lines = []
+    for model in MODEL_NAMES:
+        p = run.probe.get(model)
+        if not p:
+            continue
+        verdict = ("**FIRED: image statistics alone separate the classes; the model may be "
+                   "learning the data source, not disease.**" if p.get("fired")
+                   else "below the threshold for image statistics")
+        extra = (" An untrained network with random weights also separates them "
+                 f"(AUC {fmt(p.get('random_features_auc'))}), so the classes differ in ways a "
+                 "network sees without any training." if p.get("random_fired") else "")
+        lines.append(f"- {TITLES[model]}: trivial-statistics AUC {fmt(p.get('trivial_stats_auc'))}"
+                     f", random-backbone AUC {fmt(p.get('random_features_auc'))} (threshold "
+                     f"{fmt(p.get('threshold'), 2)}): {verdict}.{extra} Most telling statistics: "
+                     f"{', '.join(p.get('top_trivial_features', [])[:3]) or 'n/a'}.")
+    return lines
+
+
+def audit_lines(run: RunMetrics) -> list[str]:
+    a = run.audit
+    if not a:
+        return ["- The leakage audit did not run."]
+    leaks = a.get("leaks", {})
+    status = "passed: no leaks" if a.get("passed") else "**FAILED**"
+    return [f"- {status} across {a.get('groups')} groups of images ({a.get('pairs_checked')} "
+            f"pairs of groups, {a.get('files')} files).",
+            f"- shared patients: {leaks.get('patient', 0)}, identical files: "
+            f"{leaks.get('identical', 0)}, near-duplicates: {leaks.get('near_duplicate', 0)} "
+            f"(pHash distance <= {a.get('phash_max_distance')}, confirmed by thumbnail "
+            f"correlation >= {a.get('min_correlation')})."]
+
+
+def data_lines(run: RunMetrics) -> list[str]:
+    s, c = run.selection, run.copy_images
+    source = run.source.get("source", "unknown")
+    note = (" (synthetic demo data: numbers only exercise the pipeline)" if source == "demo"
+            else "")
+    images = c.get("images", {})
+    lines = [f"- Source: `{source}`{note}.",
+             f"- Metadata: {s.get('rows_in')} rows in; {s.get('rows_selected')} COVID-19 PA X-ray "
+             f"images for training and {s.get('rows_heldout')} held out (dated from "
+             f"{s.get('heldout_from')}); {s.get('dropped_total')} rows dropped "
+             f"({', '.join(f'{k} {v}' for k, v in sorted(s.get('dropped', {}).items()) if v)}); "
+             f"{s.get('missing_files', 0)} listed image files missing; "
+             f"{s.get('undatable', 0)} undatable rows kept in training."]
+    for model in MODEL_NAMES:
+        counts = images.get(model, {})
+        per_split = run.split.get(model, {}).get("images", {})
+        splits = "; ".join(f"{name} {sum(v.values())}" for name, v in per_split.items())
+        lines.append(f"- {TITLES[model]}: {counts.get(POSITIVE_CLASS, 0)} COVID + "
+                     f"{counts.get(NEGATIVE_CLASS[model], 0)} {NEGATIVE_CLASS[model]} images "
+                     f"({splits}), patients on both sides of the split: "
+                     f"{run.split.get(model, {}).get('patient_overlap', 'n/a')}.")
+    skipped = c.get("skipped", {}).get("total", 0) if isinstance(c.get("skipped"), dict) else 0
+    lines.append(f"- Unreadable or duplicate files skipped (listed in data/datasets/skipped.csv): "
+                 f"{skipped}.")
+    return lines
+
+
+def _save_figure(figure: plt.Figure, target: Path) -> None:
+    with atomic_path(target, suffix=".png") as tmp:
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def draw_figures(paths: Paths, folder: Path) -> list[str]:
+    """ROC curves, confusion matrices and score distributions as PNGs (GitHub shows them)."""
+    names: list[str] = []
+    figure, axis = plt.subplots(figsize=(5, 4.5))
+    for model in MODEL_NAMES:
+        roc = paths.plots / "evaluate" / f"{model}_roc.csv"
+        if roc.is_file():
+            frame = pd.read_csv(roc)
+            axis.plot(frame["fpr"], frame["tpr"], label=TITLES[model])
+    axis.plot([0, 1], [0, 1], "k:", linewidth=1, label="chance")
+    axis.set(xlabel="false positive rate", ylabel="sensitivity", title="ROC, internal test split")
+    axis.legend(loc="lower right", fontsize=8)
+    _save_figure(figure, folder / "roc.png")
+    names.append("roc.png")
+
+    for model in MODEL_NAMES:
+        confusion = paths.plots / "evaluate" / f"{model}_confusion.csv"
+        if confusion.is_file():
+            frame = pd.read_csv(confusion)
+            labels = [POSITIVE_CLASS, NEGATIVE_CLASS[model]]
+            counts = pd.crosstab(frame["actual"], frame["predicted"]).reindex(
+                index=labels, columns=labels, fill_value=0)
+            figure, axis = plt.subplots(figsize=(3.6, 3.2))
+            axis.imshow(counts.to_numpy(), cmap="Blues")
+            for (i, j), value in pd.DataFrame(counts.to_numpy()).stack().items():
+                axis.text(j, i, str(value), ha="center", va="center")
+            axis.set(xticks=[0, 1], yticks=[0, 1], xticklabels=labels, yticklabels=labels,
+                     xlabel="predicted", ylabel="actual", title=f"{model} (test)")
+            _save_figure(figure, folder / f"{model}_confusion.png")
+            names.append(f"{model}_confusion.png")
+        scores = paths.plots / "validate" / f"{model}_scores.csv"
+        if scores.is_file():
+            frame = pd.read_csv(scores)
+            sets = sorted(frame["set"].unique())
+            figure, axis = plt.subplots(figsize=(6, 0.45 * len(sets) + 1.2))
+            axis.boxplot([frame.loc[frame["set"] == s, "score"] for s in sets], vert=False)
+            axis.set_yticks(range(1, len(sets) + 1), sets, fontsize=8)
+            axis.set(xlim=(0, 1), xlabel="COVID score", title=f"{model}: scores per set")
+            _save_figure(figure, folder / f"{model}_scores.png")
+            names.append(f"{model}_scores.png")
+    return names
+
+
+def gradcam_gallery(paths: Paths, model: str, relative_to: Path, limit: int = 8) -> list[str]:
+    folder = paths.plots / "gradcam" / model
+    images = sorted(folder.glob("*.png"))[:limit] if folder.is_dir() else []
+    return [f"![{image.stem}]({Path(os.path.relpath(image, relative_to)).as_posix()})"
+            for image in images]
+
+
+def render_report(run: RunMetrics, paths: Paths, figures: Sequence[str]) -> str:
+    out = ["# covid-xray run report", "", DISCLAIMER, "",
+           "Generated by `dvc repro` (stage `report`) from this run's metrics files; numbers in "
+           "square brackets are bootstrap 95% confidence intervals. The test sets are small, so "
+           "the intervals are wide: read them before the point estimates.", ""]
+    fired = [m for m in MODEL_NAMES if run.probe.get(m, {}).get("fired")]
+    if fired:
+        out += [f"> **Warning: shortcut probe fired for {', '.join(fired)}.** Simple image "
+                "statistics separate the classes, so high scores below may reflect where the "
+                f"images came from rather than COVID-19 ({REFERENCE}).", ""]
+    out += ["## Data", "", *data_lines(run), ""]
+    out += ["## Results: internal test vs held-out vs external", ""]
+    for model in MODEL_NAMES:
+        info = run.models.get(model, {})
+        out += [f"### {TITLES[model]}", "",
+                f"Operating threshold {fmt(info.get('threshold'), 4)} (rule "
+                f"`{run.evaluate.get(model, {}).get('threshold_rule', 'n/a')}`, chosen on the "
+                "validation carve-out of the training patients; the seed used 0.5).", "",
+                results_table(run, model), "", "Held-out sets, as the seed reported them:", "",
+                heldout_table(run, model), ""]
+    out += ["## Leakage audit", "", *audit_lines(run), ""]
+    out += ["## Shortcut probe", "",
+            "Can the classes be told apart without looking at disease? Cross-validated ROC AUC "
+            "of a linear classifier on trivial image statistics (size, format, bit depth, "
+            "intensity, border) and on features of an untrained backbone.", "",
+            *probe_lines(run), ""]
+    out += ["## Plots", ""] + [f"![{name}](figures/{name})" for name in figures] + [""]
+    out += ["## Grad-CAM gallery", "",
+            "Where each model looked (red = most influence on the COVID score).", ""]
+    for model in MODEL_NAMES:
+        out += [f"### {TITLES[model]}", "", *gradcam_gallery(paths, model, paths.reports), ""]
+    out += ["## Limitations", "", *LIMITATIONS, ""]
+    return "\n".join(out)
+
+
+LIMITATIONS = [
+    "- The public COVID-19 images are adults' X-rays collected from papers and websites; the "
+    "Kermany NORMAL and PNEUMONIA images are children's (aged 1-5) from one hospital in "
+    "Guangzhou. Age, hospital, scanner and file history all differ between the classes, and "
+    "a model can exploit any of them (" + REFERENCE + ").",
+    "- Test and held-out sets are tens of images: confidence intervals are wide, and a perfect "
+    "score on them is weak evidence.",
+    "- External sets are the closest thing here to new hospitals; expect lower numbers there.",
+    "- With `model.weights: none` (the offline default) the backbone is random and frozen: "
+    "results are far below what ImageNet weights give.",
+]
+
+
+def render_model_card(run: RunMetrics, model: str) -> str:
+    info = run.models.get(model, {})
+    params = info.get("params", {})
+    negative = NEGATIVE_CLASS[model]
+    probe = run.probe.get(model, {})
+    out = [f"# Model card: {model} ({TITLES[model]})", "", DISCLAIMER, "",
+           "## Model details", "",
+           f"- File: `models/{model}.keras` (complete Keras model: frozen "
+           f"{info.get('backbone')} backbone + trained head), sidecar `models/{model}.json`.",
+           f"- Backbone weights: `{info.get('weights')}`; input {info.get('img_size')} x "
+           f"{info.get('img_size')} RGB scaled to [0, 1] ({info.get('preprocessing')}).",
+           f"- Classes (output order): {', '.join(info.get('class_names', []))}; positive class "
+           f"`{info.get('positive_class')}`.",
+           f"- Operating threshold on the COVID probability: {fmt(info.get('threshold'), 4)}.",
+           f"- Trained at revision `{info.get('revision')}` with "
+           + ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if not isinstance(v, dict))
+           + ".", "",
+           "## Intended use", "",
+           "Education and research on reproducible medical-imaging pipelines and on dataset "
+           "bias. **Not** for clinical use, screening, triage or any decision about a person. "
+           f"It only ever answers 'COVID-19 or {negative}?' and has never seen other conditions.",
+           "",
+           "## Training data and its known biases", "",
+           f"- COVID-19 images: ieee8023 COVID-19 image data collection (PA X-rays); {negative} "
+           "images: Kermany et al. chest_xray (paediatric, one hospital), balanced to the COVID "
+           "count.", f"- Source of this run: `{run.source.get('source', 'unknown')}`.",
+           "- The two classes come from different populations and sources: the model may learn "
+           "age, hospital or file format instead of disease.", "",
+           "## Metrics", "", results_table(run, model), "",
+           f"Shortcut probe: trivial-statistics AUC {fmt(probe.get('trivial_stats_auc'))}, "
+           f"random-backbone AUC {fmt(probe.get('random_features_auc'))}"
+           + (" (**fired**)." if probe.get("fired") else "."), "",
+           "## Limitations", "", *LIMITATIONS, ""]
+    return "\n".join(out)
+
+
+def build_report(paths: Paths) -> dict[str, Any]:
+    """Write reports/report.md, reports/figures/*.png and models/<model>.card.md."""
+    run = RunMetrics.load(paths)
+    figures_dir = paths.reports / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for stale in figures_dir.glob("*.png"):
+        stale.unlink()
+    figures = draw_figures(paths, figures_dir)
+    write_text(paths.reports / "report.md", render_report(run, paths, figures))
+    for model in MODEL_NAMES:
+        write_text(paths.models / f"{model}.card.md", render_model_card(run, model))
+    return {"figures": len(figures), "probe_fired": [m for m in MODEL_NAMES
+                                                     if run.probe.get(m, {}).get("fired")]}
