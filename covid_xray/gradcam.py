@@ -14,23 +14,28 @@ from covid_xray.modeling import Classifier
 
 
 def gradcam_heatmap(classifier: Classifier, image01: np.ndarray,
-                    class_index: int | None = None) -> np.ndarray:
+                    class_index: int | None = None,
+                    feature_map: np.ndarray | None = None) -> np.ndarray:
     """Heatmap in [0, 1], shape ``(S, S)``, for one float32 ``(S, S, 3)`` model input.
 
     ``class_index`` defaults to the positive (COVID) class, so the map answers "what looked like
-    COVID" whatever the verdict.
+    COVID" whatever the verdict. ``feature_map`` (the backbone's output for this image, shape
+    ``(1, f, f, C)``) skips a second backbone pass when the caller already has it.
     """
     backbone = classifier.model.get_layer("backbone")
     head = classifier.model.get_layer("head")
     index = classifier.info.positive_index if class_index is None else class_index
-    batch = tf.convert_to_tensor(image01[np.newaxis].astype(np.float32))
+    if feature_map is None:
+        batch = tf.convert_to_tensor(image01[np.newaxis].astype(np.float32))
+        maps = backbone(batch, training=False)
+    else:
+        maps = tf.convert_to_tensor(np.asarray(feature_map, dtype=np.float32))
     with tf.GradientTape() as tape:
-        feature_map = backbone(batch, training=False)
-        tape.watch(feature_map)
-        score = head(feature_map, training=False)[:, index]
-    grads = tape.gradient(score, feature_map)
+        tape.watch(maps)
+        score = head(maps, training=False)[:, index]
+    grads = tape.gradient(score, maps)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1))[0].numpy()
+    cam = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))[0].numpy()
     size = image01.shape[0]
     cam = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
     peak = float(cam.max())

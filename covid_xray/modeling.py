@@ -98,7 +98,7 @@ def pooled_features(feature_maps: np.ndarray, pool_size: int) -> np.ndarray:
     Used to fit the head's Normalization and the out-of-distribution statistics on cached
     features. Windows that overhang the map average their valid cells only (as TensorFlow does).
     """
-    n, height, width, channels = feature_maps.shape
+    n, height, width, _ = feature_maps.shape
 
     def windows(size: int) -> list[tuple[int, int]]:
         count = -(-size // pool_size)

@@ -85,7 +85,7 @@ def test_pixel_cap_refuses_before_decoding() -> None:
 def test_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "scan.jpeg"
     bad.write_bytes(b"garbage")
-    with pytest.raises(ImageDecodeError, match="scan.jpeg"):
+    with pytest.raises(ImageDecodeError, match=r"scan\.jpeg"):
         load_image(bad)
 
 
@@ -97,7 +97,7 @@ def test_prepare_file_and_prepare_image_agree(tmp_path: Path) -> None:
     from_bytes = prepare_image(data, 32)
     assert from_file.dtype == np.float32 and from_file.shape == (32, 32, 3)
     assert np.array_equal(from_file, from_bytes)
-    assert 0.0 <= from_file.min() and from_file.max() <= 1.0
+    assert from_file.min() >= 0.0 and from_file.max() <= 1.0
 
 
 def test_rotation_keeps_shape_and_changes_pixels() -> None:

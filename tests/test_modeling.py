@@ -80,11 +80,11 @@ def test_imagenet_offline_fails_fast_with_instructions(tmp_path: Path, monkeypat
 
 
 def test_missing_and_broken_files_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="covid_normal.keras"):
+    with pytest.raises(ModelLoadError, match=r"covid_normal\.keras"):
         Classifier.load(tmp_path / "covid_normal.keras")
     path = _tiny_classifier(tmp_path)
     path.with_suffix(".json").write_text("{}")
-    with pytest.raises(ModelLoadError, match="covid_normal.json"):
+    with pytest.raises(ModelLoadError, match=r"covid_normal\.json"):
         Classifier.load(path)
 
 

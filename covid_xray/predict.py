@@ -1,0 +1,490 @@
+"""The one prediction service behind the web app, the JSON API and the ``predict`` CLI.
+
+Both front ends call :meth:`PredictionService.predict_bytes`, so a file gives the same numbers
+whichever way it is submitted. Models are loaded once and warmed up at start-up; a missing or
+incompatible model file stops start-up with a message naming the file.
+
+Pipeline per image: content-based decode (``imaging.decode_image``, pixel cap) -> image-level
+out-of-distribution checks (colour, page, noise) -> ``imaging`` preprocessing (the training
+recipe) -> backbone -> each model's head -> feature-distance check per model -> verdict with the
+model's own operating threshold. When the two models share the identical frozen backbone (same
+weights hash, the normal case: both heads are trained on one featurize run) the backbone runs once
+per image and only the heads run per model; the scores equal ``Classifier.covid_scores``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf
+
+from covid_xray import imaging, ood
+from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
+from covid_xray.modeling import (
+    Classifier,
+    ModelInfo,
+    ModelLoadError,
+    assemble_classifier,
+    build_backbone,
+    build_head,
+    pooled_features,
+    save_classifier,
+)
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = ("Not a diagnostic device: an educational demonstration only. Do not use it for any "
+              "medical decision; the models were trained on small public data sets.")
+PREVIEW_SIZE = 384
+"""Longest side of the preview and Grad-CAM images returned to the web page."""
+VERSION_HASH_CHARS = 12
+
+
+class InputError(ValueError):
+    """The upload cannot be used; ``status`` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a model file: its version when no Git/DVC revision was recorded."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_digest(model: Any) -> str:
+    """Hash of a Keras model's weights, to detect a backbone shared by several classifiers."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        array = np.ascontiguousarray(weight)
+        digest.update(str(array.shape).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """One classifier ready to serve: Keras parts, sidecar info, version and OOD statistics."""
+
+    name: str
+    classifier: Classifier
+    sha256: str
+    pool_size: int
+    ood_stats: ood.OodStats | None
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.classifier.info
+
+    def version(self) -> dict[str, str]:
+        return {"revision": self.info.revision, "sha256": self.sha256[:VERSION_HASH_CHARS],
+                "file": self.classifier.path.name}
+
+
+def _load_model(name: str, models_dir: Path) -> LoadedModel:
+    """Load and check one model; every problem is a ``ModelLoadError`` naming the file."""
+    path = Path(models_dir) / f"{name}.keras"
+    classifier = Classifier.load(path)
+    sidecar = path.with_suffix(".json")
+    try:
+        head = classifier.model.get_layer("head")
+        classifier.model.get_layer("backbone")
+        pool_size = int(head.get_layer("pool").pool_size[0])
+        feature_dim = int(np.prod(head.get_layer("flatten").output.shape[1:]))
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: not a covid-xray classifier (needs 'backbone' and 'head' "
+                             f"sub-models with a 'pool' layer): {exc}") from exc
+    info = classifier.info
+    if POSITIVE_CLASS not in info.class_names or len(info.class_names) != 2:
+        raise ModelLoadError(f"{sidecar}: class_names {info.class_names} must be two classes "
+                             f"including {POSITIVE_CLASS!r}")
+    if not 0.0 <= float(info.threshold) <= 1.0:
+        raise ModelLoadError(f"{sidecar}: threshold {info.threshold} is not a probability")
+    stats: ood.OodStats | None = None
+    if info.ood:
+        try:
+            stats = ood.OodStats(info.ood)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{sidecar}: unusable out-of-distribution statistics "
+                                 f"({exc}); retrain with `dvc repro`") from exc
+        if stats.dim != feature_dim:
+            raise ModelLoadError(f"{sidecar}: out-of-distribution statistics have {stats.dim} "
+                                 f"features, the model's head {feature_dim}; the files do not "
+                                 "belong together")
+    else:
+        log.warning("%s: no out-of-distribution statistics; only the image-level checks run",
+                    sidecar)
+    return LoadedModel(name=name, classifier=classifier, sha256=file_sha256(path),
+                       pool_size=pool_size, ood_stats=stats)
+
+
+class _Group:
+    """Models that share one img_size and identical backbone weights: one backbone pass."""
+
+    def __init__(self, models: list[LoadedModel]) -> None:
+        self.models = models
+        self.img_size = models[0].info.img_size
+        backbone = models[0].classifier.model.get_layer("backbone")
+        heads = [m.classifier.model.get_layer("head") for m in models]
+        spec = tf.TensorSpec([None, self.img_size, self.img_size, 3], tf.float32)
+
+        @tf.function(input_signature=[spec])
+        def infer(batch: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+            feature_maps = backbone(batch, training=False)
+            return feature_maps, [head(feature_maps, training=False) for head in heads]
+
+        self.infer = infer
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        feature_maps, probs = self.infer(tf.convert_to_tensor(batch, dtype=tf.float32))
+        return feature_maps.numpy(), [p.numpy() for p in probs]
+
+
+def _data_url(rgb: np.ndarray) -> str:
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:  # pragma: no cover - OpenCV always encodes a uint8 RGB array
+        raise RuntimeError("JPEG encoding failed")
+    return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def _preview(rgb: np.ndarray) -> np.ndarray:
+    height, width = rgb.shape[:2]
+    scale = PREVIEW_SIZE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+class PredictionService:
+    """Both models, loaded once; ``predict_bytes`` turns an upload into the JSON answer."""
+
+    def __init__(self, models: list[LoadedModel], max_pixels: int = imaging.MAX_PIXELS_DEFAULT,
+                 share_backbone: bool = True, ood_tolerance: float = 1.0) -> None:
+        if not models:
+            raise ModelLoadError("no models to serve")
+        if ood_tolerance <= 0:
+            raise ValueError(f"ood_tolerance must be positive, got {ood_tolerance}")
+        self.models = models
+        self.max_pixels = max_pixels
+        self.ood_tolerance = ood_tolerance
+        self._gradcam_lock = threading.Lock()
+        groups: dict[tuple[int, str], list[LoadedModel]] = {}
+        for model in models:
+            backbone = model.classifier.model.get_layer("backbone")
+            key = (model.info.img_size,
+                   weights_digest(backbone) if share_backbone else model.name)
+            groups.setdefault(key, []).append(model)
+        self.groups = [_Group(members) for members in groups.values()]
+        self.shared_backbone = len(self.groups) < len(models)
+
+    @classmethod
+    def load(cls, models_dir: Path | str = "models", names: Sequence[str] = MODEL_NAMES,
+             max_pixels: int = imaging.MAX_PIXELS_DEFAULT, warm_up: bool = True,
+             share_backbone: bool = True, ood_tolerance: float = 1.0) -> PredictionService:
+        """Load every model (``<models_dir>/<name>.keras`` + ``.json``) and warm them up.
+
+        ``ood_tolerance`` scales the fitted feature-distance limit (1 = as fitted at training;
+        larger accepts images further from the training set, e.g. real X-rays for models trained
+        on the synthetic demo data).
+        """
+        models_dir = Path(models_dir)
+        if not models_dir.is_dir():
+            raise ModelLoadError(f"{models_dir}: models directory not found; run `dvc repro` "
+                                 "or pass --models-dir")
+        service = cls([_load_model(name, models_dir) for name in names], max_pixels=max_pixels,
+                      share_backbone=share_backbone, ood_tolerance=ood_tolerance)
+        if warm_up:
+            service.warm_up()
+        return service
+
+    def warm_up(self) -> None:
+        """Trace the inference graphs and Grad-CAM once, so the first user waits no longer."""
+        rng = np.random.default_rng(0)
+        grey = cv2.GaussianBlur(rng.integers(0, 255, (64, 64), dtype=np.uint8), (0, 0), 4)
+        rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
+        self._run_models(rgb, gradcam=True)
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "models": {m.name: {**m.version(), "img_size": m.info.img_size,
+                                                    "ood_check": m.ood_stats is not None}
+                                           for m in self.models},
+                "shared_backbone": self.shared_backbone, "ood_tolerance": self.ood_tolerance}
+
+    # -- the prediction ------------------------------------------------------------------------
+
+    def decode(self, data: bytes) -> tuple[np.ndarray, imaging.ImageInfo]:
+        """Content-based decode with the pixel cap; errors become ``InputError`` (400/415)."""
+        if not data:
+            raise InputError("empty upload: send an image file (JPEG or PNG)", 400)
+        try:
+            info = imaging.read_image_info(data)
+        except imaging.ImageDecodeError as exc:
+            if isinstance(exc.__cause__, Image.DecompressionBombError):
+                raise InputError(f"image refused: its declared size is too large "
+                                 f"({exc.__cause__})", 400) from exc
+            raise InputError(f"not an image: {exc}; send a JPEG or PNG chest X-ray", 415) from exc
+        try:
+            rgb = imaging.decode_image(data, max_pixels=self.max_pixels)
+        except imaging.ImageDecodeError as exc:
+            raise InputError(f"cannot use this {info.format} image: {exc}", 400) from exc
+        return rgb, info
+
+    def predict_bytes(self, data: bytes, gradcam: bool = False) -> dict[str, Any]:
+        """Upload bytes -> the JSON-ready answer (see docs/serving.md for the fields)."""
+        start = time.perf_counter()
+        rgb, info = self.decode(data)
+        decoded = time.perf_counter()
+        result = self.predict_rgb(rgb, gradcam=gradcam)
+        result["image"] = {"format": info.format, "width": info.width, "height": info.height,
+                           "mode": info.mode, "bytes": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()}
+        result["timing_ms"]["decode"] = round((decoded - start) * 1000, 2)
+        result["timing_ms"]["total"] = round((time.perf_counter() - start) * 1000, 2)
+        return result
+
+    def predict_rgb(self, rgb: np.ndarray, gradcam: bool = False) -> dict[str, Any]:
+        """A decoded uint8 RGB image -> the answer (no ``image`` block, no decode timing)."""
+        check = ood.check_image(rgb)
+        result: dict[str, Any] = {
+            "in_distribution": check.ok,
+            "message": None if check.ok else check.message,
+            "refused_by": None if check.ok else check.reason,
+            "checks": {"image": _rounded(check.measures or {})},
+            "shared_backbone": self.shared_backbone,
+            "disclaimer": DISCLAIMER,
+        }
+        if gradcam:
+            result["preview"] = _data_url(_preview(rgb))
+        if not check.ok:
+            result["models"] = {m.name: self._no_verdict(m, None, 0.0) for m in self.models}
+            result["timing_ms"] = {"models": 0.0}
+            return result
+        answers, timing = self._run_models(rgb, gradcam=gradcam)
+        refusals = [a for a in answers.values() if not a["in_distribution"]]
+        if refusals:
+            result["in_distribution"] = False
+            result["refused_by"] = "features"
+            result["message"] = ("This image is unlike the chest X-rays the models were trained "
+                                 "on, so no verdict is given. Upload a frontal (PA) chest X-ray.")
+            for name, answer in answers.items():
+                answers[name] = self._no_verdict(self._model(name), answer["ood_distance"],
+                                                 answer["timing_ms"])
+        result["models"] = answers
+        result["checks"]["features"] = {name: a["ood_distance"] for name, a in answers.items()}
+        result["timing_ms"] = timing
+        return result
+
+    def _model(self, name: str) -> LoadedModel:
+        return next(m for m in self.models if m.name == name)
+
+    @staticmethod
+    def _no_verdict(model: LoadedModel, distance: float | None, timing: float) -> dict[str, Any]:
+        """A model's entry when the image is refused: no label, no probabilities."""
+        return {"label": None, "class": None, "probabilities": None, "covid_probability": None,
+                "threshold": model.info.threshold, "in_distribution": False,
+                "ood_distance": distance, "version": model.version(), "timing_ms": timing}
+
+    def _run_models(self, rgb: np.ndarray,
+                    gradcam: bool) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+        answers: dict[str, dict[str, Any]] = {}
+        timing: dict[str, float] = {"preprocess": 0.0, "models": 0.0, "gradcam": 0.0}
+        for group in self.groups:
+            t0 = time.perf_counter()
+            resized = imaging.resize_square(rgb, group.img_size)
+            batch = imaging.to_model_input(resized)[np.newaxis]
+            t1 = time.perf_counter()
+            feature_maps, probs = group.run(batch)
+            t2 = time.perf_counter()
+            backbone_ms = (t2 - t1) * 1000
+            timing["preprocess"] += (t1 - t0) * 1000
+            timing["models"] += backbone_ms
+            for model, model_probs in zip(group.models, probs, strict=True):
+                t3 = time.perf_counter()
+                answers[model.name] = self._verdict(model, model_probs[0], feature_maps)
+                answers[model.name]["timing_ms"] = round(backbone_ms / len(group.models)
+                                                         + (time.perf_counter() - t3) * 1000, 2)
+                if gradcam:
+                    t4 = time.perf_counter()
+                    answers[model.name]["gradcam"] = self._gradcam(model, batch[0], rgb,
+                                                                   feature_maps)
+                    timing["gradcam"] += (time.perf_counter() - t4) * 1000
+        timing = {key: round(value, 2) for key, value in timing.items()}
+        return answers, timing
+
+    def _verdict(self, model: LoadedModel, probs: np.ndarray,
+                 feature_maps: np.ndarray) -> dict[str, Any]:
+        info = model.info
+        distance = None
+        in_distribution = True
+        if model.ood_stats is not None:
+            features = pooled_features(feature_maps, model.pool_size)
+            distance = round(float(model.ood_stats.scores(features)[0]), 4)
+            in_distribution = distance <= self.ood_tolerance
+        covid = float(probs[info.positive_index])
+        positive = model.classifier.is_positive(covid)
+        negative_class = next(c for c in info.class_names if c != info.positive_class)
+        return {
+            "label": "POSITIVE" if positive else "NEGATIVE",
+            "class": info.positive_class if positive else negative_class,
+            "probabilities": {name: round(float(p), 6)
+                              for name, p in zip(info.class_names, probs, strict=True)},
+            "covid_probability": round(covid, 6),
+            "threshold": info.threshold,
+            "in_distribution": in_distribution,
+            "ood_distance": distance,
+            "version": model.version(),
+        }
+
+    def _gradcam(self, model: LoadedModel, image01: np.ndarray, rgb: np.ndarray,
+                 feature_maps: np.ndarray | None = None) -> str:
+        """Grad-CAM for the COVID class, blended over the preview image, as a data: URL.
+
+        ``feature_maps`` (the backbone output already computed for the verdict) saves a second
+        backbone pass per model.
+        """
+        from covid_xray.gradcam import gradcam_heatmap, overlay
+
+        with self._gradcam_lock:  # GradientTape on shared Keras layers: one at a time
+            heatmap = gradcam_heatmap(model.classifier, image01, feature_map=feature_maps)
+        shown = _preview(rgb)
+        heatmap = cv2.resize(heatmap, (shown.shape[1], shown.shape[0]),
+                             interpolation=cv2.INTER_LINEAR)
+        return _data_url(overlay(shown, heatmap))
+
+    # -- the same computation, without any API, for the benchmark --------------------------
+
+    def scores_direct(self, batch01: np.ndarray) -> dict[str, np.ndarray]:
+        """COVID scores of a preprocessed batch through each full Keras model (no sharing)."""
+        return {m.name: m.classifier.covid_scores(batch01) for m in self.models}
+
+
+def _rounded(measures: dict[str, float]) -> dict[str, float]:
+    return {key: round(float(value), 4) for key, value in measures.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Small models for tests, the benchmark and trying the app without the pipeline
+
+SMOKE_CLASSES: dict[str, tuple[str, str]] = {name: (POSITIVE_CLASS, NEGATIVE_CLASS[name])
+                                             for name in MODEL_NAMES}
+
+
+def demo_images_by_class(per_class: int = 12, max_side: int = 160,
+                         seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """Synthetic chest images from the project's demo generator, as uint8 RGB per class."""
+    import tempfile
+
+    from covid_xray.demo import generate_demo
+    from covid_xray.params import DemoParams
+
+    params = DemoParams(covid_patients=max(4, per_class), kermany_train=per_class,
+                        kermany_test=2, max_side=max_side)
+    with tempfile.TemporaryDirectory(prefix="covid-xray-demo-") as tmp:
+        root = Path(tmp)
+        generate_demo(root, params, seed=seed, progress=False)
+        return {**_covid_pa_images(root / "covid-chestxray-dataset", per_class),
+                **_kermany_images(root / "chest_xray" / "train", per_class)}
+
+
+def sample_images_by_class(sample_dir: Path | str,
+                           per_class: int = 100) -> dict[str, list[np.ndarray]]:
+    """The real X-ray sample (``xray-sample`` layout): COVID PA X-rays and Kermany train images."""
+    sample_dir = Path(sample_dir)
+    return {**_covid_pa_images(sample_dir / "covid-chestxray-dataset", per_class),
+            **_kermany_images(sample_dir / "chest_xray" / "train", per_class)}
+
+
+def _covid_pa_images(dataset: Path, limit: int) -> dict[str, list[np.ndarray]]:
+    import pandas as pd
+
+    table = pd.read_csv(dataset / "metadata.csv", dtype=str).fillna("")
+    finding = table["finding"].str.strip().str.split("/").str[-1].str.strip().str.lower()
+    keep = table[(finding == "covid-19") & (table["view"].str.strip() == "PA")
+                 & (table["modality"].str.strip() == "X-ray")]
+    folder = keep["folder"] if "folder" in keep else pd.Series("images", index=keep.index)
+    paths = [dataset / f / name for f, name in zip(folder, keep["filename"], strict=True)]
+    return {POSITIVE_CLASS: [imaging.load_image(p) for p in paths if p.is_file()][:limit]}
+
+
+def _kermany_images(split_dir: Path, limit: int) -> dict[str, list[np.ndarray]]:
+    return {label.lower(): [imaging.load_image(p) for p in sorted((split_dir / label).iterdir())
+                            if p.is_file()][:limit]
+            for label in ("NORMAL", "PNEUMONIA")}
+
+
+def ensure_smoke_models(models_dir: Path | str, sample_dir: Path | str | None = None,
+                        img_size: int = 32, pool_size: int = 1) -> Path:
+    """``build_smoke_models`` on demo images (+ the real sample when given), unless already there.
+
+    Tests of several files share one build per session this way (the folder is the cache).
+    """
+    models_dir = Path(models_dir)
+    if all((models_dir / f"{name}{ext}").is_file() for name in MODEL_NAMES
+           for ext in (".keras", ".json")):
+        return models_dir
+    images = demo_images_by_class()
+    if sample_dir is not None:
+        for label, extra in sample_images_by_class(sample_dir).items():
+            images[label] = [*images[label], *extra]
+    return build_smoke_models(models_dir, images, img_size=img_size, pool_size=pool_size)
+
+
+def build_smoke_models(models_dir: Path | str, images_by_class: dict[str, Sequence[np.ndarray]],
+                       img_size: int = 32, pool_size: int = 1, dense_nodes: int = 8,
+                       epochs: int = 10, seed: int = 0) -> Path:
+    """Write real (small) classifiers in the pipeline's saved format, without the pipeline.
+
+    One random frozen VGG16 backbone (``weights=none``, shared by both models as after one
+    featurize run); each head briefly fitted on its two classes of ``images_by_class`` (uint8
+    RGB; keys ``covid``, ``normal``, ``pneumonia``); OOD statistics fitted on the same images,
+    as the train stage does. The verdicts mean nothing medically; the files exercise every code
+    path of the service exactly as the pipeline's models do.
+    """
+    import keras
+
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    backbone = build_backbone("vgg16", img_size, "none", seed=seed)
+    maps: dict[str, np.ndarray] = {}
+    for label, images in images_by_class.items():
+        batch = np.stack([imaging.to_model_input(imaging.resize_square(image, img_size))
+                          for image in images])
+        maps[label] = np.asarray(backbone.predict(batch, batch_size=16, verbose=0))
+    for offset, (name, (positive, negative)) in enumerate(SMOKE_CLASSES.items()):
+        feature_maps = np.concatenate([maps[positive], maps[negative]])
+        y = np.array([1] * len(maps[positive]) + [0] * len(maps[negative]), dtype=np.float32)
+        features = pooled_features(feature_maps, pool_size)
+        keras.utils.set_random_seed(seed + 1 + offset)
+        head = build_head(feature_maps.shape[1:], pool_size, dense_nodes, 0.5,
+                          features.mean(axis=0), features.var(axis=0))
+        head.compile(optimizer=keras.optimizers.Adam(3e-3), loss="binary_crossentropy")
+        head.fit(feature_maps, np.stack([y, 1 - y], axis=1), epochs=epochs, batch_size=16,
+                 verbose=0)
+        info = ModelInfo(model_name=name, class_names=[positive, negative],
+                         positive_class=POSITIVE_CLASS, img_size=img_size, backbone="vgg16",
+                         weights="none", threshold=0.5, revision="smoke-test",
+                         params={"pool_size": pool_size, "dense_nodes": dense_nodes,
+                                 "epochs": epochs, "seed": seed},
+                         ood=ood.fit_ood_stats(features, seed=seed))
+        save_classifier(assemble_classifier(backbone, head, name), info,
+                        models_dir / f"{name}.keras")
+    return models_dir

@@ -1,0 +1,315 @@
+"""Every route and every bad input of the Flask app, with Flask's test client and real models."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+import tempfile
+import uuid
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import XRAY_SAMPLE
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from covid_xray.config import MODEL_NAMES
+from covid_xray.modeling import ModelLoadError
+from covid_xray.predict import PredictionService, demo_images_by_class, ensure_smoke_models
+from covid_xray.serving import create_app
+
+
+def sample_dir() -> Path | None:
+    return XRAY_SAMPLE if (XRAY_SAMPLE / "chest_xray").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_smoke_models(tmp_path_factory.getbasetemp() / "smoke-models", sample_dir())
+
+
+@pytest.fixture(scope="module")
+def service(models_dir: Path) -> PredictionService:
+    return PredictionService.load(models_dir)
+
+
+@pytest.fixture(scope="module")
+def app(service: PredictionService) -> Flask:
+    return create_app({"SERVICE": service, "MAX_UPLOAD_MB": 4, "TESTING": True})
+
+
+@pytest.fixture()
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture(scope="module")
+def xray_rgb() -> np.ndarray:
+    """A grey chest X-ray as RGB: a real one from the sample when present, else a demo image."""
+    sample = sample_dir()
+    if sample is not None:
+        path = sorted((sample / "chest_xray" / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        return cv2.resize(rgb, (640, 480), interpolation=cv2.INTER_AREA)
+    return demo_images_by_class(per_class=1, seed=11)["pneumonia"][0]
+
+
+def pil_bytes(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def xray_jpeg(xray_rgb: np.ndarray) -> bytes:
+    return pil_bytes(Image.fromarray(xray_rgb), "JPEG", quality=92)
+
+
+def post_file(client: FlaskClient, data: bytes, filename: str = "x.jpg", query: str = ""):
+    return client.post(f"/api/predict{query}", data={"file": (io.BytesIO(data), filename)},
+                       content_type="multipart/form-data")
+
+
+def assert_json_error(response, status: int, pattern: str) -> None:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json
+    body = response.get_json()
+    assert set(body) == {"error", "status"} and body["status"] == status
+    assert re.search(pattern, body["error"], re.IGNORECASE), body["error"]
+    assert "Traceback" not in response.get_data(as_text=True)
+
+
+def probabilities(body: dict) -> dict[str, dict[str, float]]:
+    return {name: answer["probabilities"] for name, answer in body["models"].items()}
+
+
+# -- routes --------------------------------------------------------------------------------------
+
+
+def test_page_has_picker_drop_zone_disclaimer_and_no_external_assets(client: FlaskClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert 'type="file"' in html and 'data-testid="drop-zone"' in html
+    assert "not a diagnostic device" in html.lower()
+    assert 'name="viewport"' in html
+    for name in MODEL_NAMES:
+        assert f'data-model="{name}"' in html
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert assets and all(a.startswith("/static/") for a in assets), assets
+    for asset in assets:
+        body = client.get(asset)
+        assert body.status_code == 200
+        assert not re.search(r"https?://", body.get_data(as_text=True)), asset
+    assert "Content-Security-Policy" in page.headers
+
+
+def test_healthz_reports_loaded_models(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "ok" and set(body["models"]) == set(MODEL_NAMES)
+
+
+def test_predict_multipart(client: FlaskClient, xray_jpeg: bytes) -> None:
+    response = post_file(client, xray_jpeg)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["in_distribution"] is True
+    for name in MODEL_NAMES:
+        answer = body["models"][name]
+        assert answer["label"] in ("POSITIVE", "NEGATIVE")
+        assert answer["version"]["sha256"] and answer["threshold"] == 0.5
+    assert body["timing_ms"]["request"] >= body["timing_ms"]["total"] > 0
+
+
+def test_raw_body_gives_the_same_numbers(client: FlaskClient, xray_jpeg: bytes) -> None:
+    multipart = post_file(client, xray_jpeg).get_json()
+    for content_type in ("image/jpeg", "application/octet-stream", "image/png"):
+        raw = client.post("/api/predict", data=xray_jpeg, content_type=content_type)
+        assert raw.status_code == 200  # the content decides, not the declared type
+        assert probabilities(raw.get_json()) == probabilities(multipart)
+
+
+def test_gradcam_query_returns_overlays(client: FlaskClient, xray_jpeg: bytes) -> None:
+    body = post_file(client, xray_jpeg, query="?gradcam=1").get_json()
+    assert body["preview"].startswith("data:image/jpeg;base64,")
+    for name in MODEL_NAMES:
+        assert body["models"][name]["gradcam"].startswith("data:image/jpeg;base64,")
+
+
+def test_file_name_and_extension_do_not_matter(client: FlaskClient, xray_jpeg: bytes) -> None:
+    reference = probabilities(post_file(client, xray_jpeg).get_json())
+    for name in ("scan.png", "notes.txt", "noextension", "../../etc/passwd"):
+        response = post_file(client, xray_jpeg, filename=name)
+        assert response.status_code == 200 and probabilities(response.get_json()) == reference
+
+
+def test_upload_is_never_written_under_the_client_file_name(client: FlaskClient,
+                                                            xray_jpeg: bytes) -> None:
+    name = f"client-chosen-{uuid.uuid4().hex}.jpeg"
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 1500), dtype=np.uint8)
+    big = pil_bytes(Image.fromarray(noise), "PNG")  # above werkzeug's in-memory part size
+    assert len(big) > 1024 * 1024
+    assert post_file(client, big, filename=name).status_code == 200
+    assert name not in post_file(client, xray_jpeg, filename=name).get_data(as_text=True)
+    for root in {Path(tempfile.gettempdir()), Path.cwd()}:
+        for _, _, files in os.walk(root):
+            assert name not in files
+
+
+def test_refused_image_gets_200_with_message_and_no_verdict(client: FlaskClient) -> None:
+    photo = pil_bytes(Image.fromarray(load_sample_image("china.jpg")), "JPEG")
+    body = post_file(client, photo).get_json()
+    assert body["in_distribution"] is False and "colour" in body["message"]
+    assert all(a["label"] is None for a in body["models"].values())
+
+
+def test_unknown_route_and_wrong_method_are_json(client: FlaskClient) -> None:
+    assert_json_error(client.get("/nope"), 404, "not found")
+    assert_json_error(client.get("/api/predict"), 405, "method")
+
+
+# -- formats are converted correctly ---------------------------------------------------------------
+
+
+def test_grayscale_rgba_16bit_and_cmyk_are_converted(client: FlaskClient,
+                                                     xray_rgb: np.ndarray) -> None:
+    grey = xray_rgb[:, :, 0]
+    reference = probabilities(post_file(client, pil_bytes(Image.fromarray(xray_rgb),
+                                                          "PNG")).get_json())
+    exact = {
+        "grayscale PNG": pil_bytes(Image.fromarray(grey, "L"), "PNG"),
+        "RGBA PNG": pil_bytes(Image.fromarray(np.dstack([xray_rgb, np.full_like(grey, 255)]),
+                                              "RGBA"), "PNG"),
+        "16-bit PNG": cv2.imencode(".png", grey.astype(np.uint16) * 257)[1].tobytes(),
+    }
+    for kind, data in exact.items():
+        response = post_file(client, data)
+        assert response.status_code == 200, kind
+        body = response.get_json()
+        assert body["in_distribution"] is True, kind
+        assert probabilities(body) == reference, kind
+    cmyk = pil_bytes(Image.fromarray(xray_rgb).convert("CMYK"), "JPEG", quality=95)
+    body = post_file(client, cmyk).get_json()
+    assert body["image"]["mode"] == "CMYK" and body["in_distribution"] is True
+    assert body["checks"]["image"]["colourfulness"] < 3  # still grey: channels not mixed up
+    for name, probs in probabilities(body).items():
+        assert probs["covid"] == pytest.approx(reference[name]["covid"], abs=0.1)
+
+
+def test_transparent_rgba_is_composited_not_garbage(client: FlaskClient,
+                                                    xray_rgb: np.ndarray) -> None:
+    alpha = np.full(xray_rgb.shape[:2], 255, np.uint8)
+    alpha[:, : xray_rgb.shape[1] // 10] = 0  # transparent strip: shown as black film edge
+    response = post_file(client, pil_bytes(Image.fromarray(np.dstack([xray_rgb, alpha]),
+                                                           "RGBA"), "PNG"))
+    assert response.status_code == 200 and response.get_json()["in_distribution"] is True
+
+
+# -- bad input: JSON errors, never a 500 ---------------------------------------------------------
+
+
+def test_size_limit_is_configurable_and_answers_413(service: PredictionService,
+                                                    xray_jpeg: bytes) -> None:
+    small = create_app({"SERVICE": service, "MAX_UPLOAD_MB": 0.02}).test_client()
+    assert len(xray_jpeg) > 0.02 * 1024 * 1024
+    assert_json_error(post_file(small, xray_jpeg), 413, r"too large.*0\.02 MB")
+    assert_json_error(small.post("/api/predict", data=xray_jpeg, content_type="image/jpeg"),
+                      413, "too large")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` but that carries almost no data."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bombs_are_refused(client: FlaskClient) -> None:
+    real_bomb = pil_bytes(Image.new("L", (8000, 8000)), "PNG")  # 64 Mpx of zeros, tiny file
+    assert len(real_bomb) < 200_000
+    assert_json_error(post_file(client, real_bomb), 400, "pixels, above the limit")
+    assert_json_error(post_file(client, png_header_only(100_000, 100_000)), 400, "too large")
+
+
+def test_pixel_cap_is_configurable(service: PredictionService, xray_jpeg: bytes) -> None:
+    capped = create_app({"SERVICE": PredictionService(service.models, max_pixels=100_000)})
+    assert_json_error(post_file(capped.test_client(), xray_jpeg), 400, "above the limit")
+
+
+@pytest.mark.parametrize(("data", "status", "pattern"), [
+    (b"", 400, "empty"),
+    (b"%PDF-1.4 this is a document, not an image", 415, "not an image"),
+    (b"GIF89a" + b"\x00" * 10, 415, "not an image"),
+    (b"\x00" * 5000, 415, "not an image"),
+])
+def test_non_images_and_empty_bodies(client: FlaskClient, data: bytes, status: int,
+                                     pattern: str) -> None:
+    assert_json_error(post_file(client, data), status, pattern)
+    assert_json_error(client.post("/api/predict", data=data,
+                                  content_type="application/octet-stream"), status, pattern)
+
+
+def test_request_without_body_is_400(client: FlaskClient) -> None:
+    assert_json_error(client.post("/api/predict"), 400, "empty")
+
+
+def test_truncated_jpeg_is_400(client: FlaskClient, xray_jpeg: bytes) -> None:
+    assert_json_error(post_file(client, xray_jpeg[: len(xray_jpeg) // 2]), 400, "truncated")
+
+
+def test_corrupt_png_is_400(client: FlaskClient, xray_rgb: np.ndarray) -> None:
+    png = bytearray(pil_bytes(Image.fromarray(xray_rgb), "PNG"))
+    png[200:260] = b"\xff" * 60  # scrambled compressed data
+    assert_json_error(post_file(client, bytes(png)), 400, "cannot use this png")
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("multipart/form-data", b"--x\r\nno boundary declared"),
+    ("multipart/form-data; boundary=XYZ", b"this is not multipart at all"),
+    ("multipart/form-data; boundary=XYZ",
+     b'--XYZ\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
+     b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\xff\xe0 cut off before the closing boundary"),
+    ("multipart/form-data; boundary=XYZ",
+     b'--XYZ\r\nContent-Disposition: form-data; name="other"\r\n\r\nvalue\r\n--XYZ--\r\n'),
+])
+def test_malformed_multipart_is_400(client: FlaskClient, content_type: str, body: bytes) -> None:
+    response = client.post("/api/predict", data=body, content_type=content_type)
+    assert_json_error(response, 400, "multipart")
+
+
+def test_form_encoded_body_is_415(client: FlaskClient) -> None:
+    response = client.post("/api/predict", data={"file": "not a file"})
+    assert_json_error(response, 415, "multipart field 'file'")
+
+
+# -- start-up ------------------------------------------------------------------------------------
+
+
+def test_app_refuses_to_start_without_models(tmp_path: Path) -> None:
+    (tmp_path / "covid_normal.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"covid_normal\.keras"):
+        create_app({"MODELS_DIR": str(tmp_path)})
+
+
+def test_flask_run_finds_the_factory_and_reads_the_environment(
+        models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``flask --app covid_xray.serving.app run`` (development) builds the same app."""
+    from flask.cli import ScriptInfo
+
+    monkeypatch.setenv("COVID_XRAY_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("COVID_XRAY_MAX_UPLOAD_MB", "3")
+    app = ScriptInfo(app_import_path="covid_xray.serving.app").load_app()
+    assert app.config["MAX_CONTENT_LENGTH"] == 3 * 1024 * 1024
+    assert app.test_client().get("/healthz").get_json()["status"] == "ok"

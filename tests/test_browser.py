@@ -1,0 +1,161 @@
+"""A real browser (headless Chromium via Playwright) uses the page: picker, drag-and-drop, phone.
+
+Screenshots of the result pages are saved in ``tests/artifacts/`` (git-ignored). Skipped, with the
+reason, when Chromium is not installed (Debian: ``apt-get install chromium chromium-driver``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import pytest
+from conftest import XRAY_SAMPLE
+from sklearn.datasets import load_sample_image
+
+from covid_xray.config import MODEL_NAMES
+from covid_xray.predict import PredictionService, demo_images_by_class, ensure_smoke_models
+from covid_xray.serving import create_app
+
+pytestmark = pytest.mark.slow
+CHROMIUM = Path(os.environ.get("COVID_XRAY_CHROMIUM", "/usr/bin/chromium"))
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+TIMEOUT_MS = 120_000
+
+if not CHROMIUM.is_file():
+    pytest.skip(f"Chromium not found at {CHROMIUM} (install the Debian packages chromium and "
+                "chromium-driver, or set COVID_XRAY_CHROMIUM)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+
+
+def sample_dir() -> Path | None:
+    return XRAY_SAMPLE if (XRAY_SAMPLE / "chest_xray").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_smoke_models(tmp_path_factory.getbasetemp() / "smoke-models", sample_dir())
+
+
+@pytest.fixture(scope="module")
+def base_url(models_dir: Path) -> Iterator[str]:
+    """The app under waitress in a background thread on a free loopback port."""
+    import waitress
+
+    app = create_app({"SERVICE": PredictionService.load(models_dir)})
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=2)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.task_dispatcher.shutdown()
+        server.close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("browser-images")
+    sample = sample_dir()
+    if sample is not None:
+        xray = sorted((sample / "chest_xray" / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
+    else:
+        xray = folder / "xray.jpeg"
+        rgb = demo_images_by_class(per_class=1, seed=14)["pneumonia"][0]
+        cv2.imwrite(str(xray), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    photo = folder / "photo.jpg"
+    cv2.imwrite(str(photo), cv2.cvtColor(load_sample_image("china.jpg"), cv2.COLOR_RGB2BGR))
+    text = folder / "notes.jpg"
+    text.write_text("not an image at all")
+    return {"xray": xray, "photo": photo, "text": text}
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                              args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def open_page(browser, base_url: str, **context_options):
+    context = browser.new_context(**context_options)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(base_url)
+    return page, requested
+
+
+def assert_verdicts_and_overlays(page) -> None:
+    for name in MODEL_NAMES:
+        verdict = page.get_by_test_id(f"verdict-{name}")
+        sync_api.expect(verdict).to_have_text(
+            re.compile(r"^(POSITIVE|NEGATIVE): \w+ \(COVID-19 probability [\d.]+%\)$"))
+        cam = page.get_by_test_id(f"gradcam-{name}")
+        sync_api.expect(cam).to_be_visible()
+        assert cam.get_attribute("src").startswith("data:image/jpeg;base64,")
+        assert cam.evaluate("img => img.complete && img.naturalWidth") > 0
+        sync_api.expect(page.get_by_test_id(f"probs-{name}")).to_contain_text("threshold")
+    preview = page.get_by_test_id("preview")
+    sync_api.expect(preview).to_be_visible()
+    assert preview.evaluate("img => img.complete && img.naturalWidth") > 0
+    sync_api.expect(page.get_by_test_id("disclaimer")).to_be_visible()
+
+
+def test_file_picker_upload_shows_both_verdicts_and_overlays(base_url: str, browser,
+                                                             images: dict[str, Path]) -> None:
+    page, requested = open_page(browser, base_url, viewport={"width": 1280, "height": 900})
+    page.get_by_test_id("file-input").set_input_files(str(images["xray"]))
+    assert_verdicts_and_overlays(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-result.png"), full_page=True)
+    assert all(url.startswith(base_url) or url.startswith(("data:", "blob:"))
+               for url in requested), requested  # offline: no CDN, no external request
+
+
+def test_drag_and_drop_on_a_phone_screen(base_url: str, browser,
+                                         images: dict[str, Path]) -> None:
+    page, _ = open_page(browser, base_url, viewport={"width": 390, "height": 844},
+                        device_scale_factor=2, is_mobile=True, has_touch=True)
+    payload = base64.b64encode(images["xray"].read_bytes()).decode("ascii")
+    page.evaluate("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, {type: "image/jpeg"}));
+        const zone = document.querySelector('[data-testid="drop-zone"]');
+        for (const type of ["dragenter", "dragover", "drop"]) {
+            zone.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true,
+                                                    cancelable: true}));
+        }
+    }""", [payload, images["xray"].name])
+    assert_verdicts_and_overlays(page)
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow}px wider than the phone screen"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-phone.png"), full_page=True)
+
+
+def test_photo_is_refused_and_non_image_gets_an_error(base_url: str, browser,
+                                                      images: dict[str, Path]) -> None:
+    page, _ = open_page(browser, base_url)
+    page.get_by_test_id("file-input").set_input_files(str(images["photo"]))
+    sync_api.expect(page.get_by_test_id("refusal")).to_contain_text("colour")
+    for name in MODEL_NAMES:
+        sync_api.expect(page.get_by_test_id(f"verdict-{name}")).to_have_text(
+            "No verdict (image refused)")
+    page.get_by_test_id("file-input").set_input_files(str(images["text"]))
+    sync_api.expect(page.get_by_test_id("error")).to_contain_text("not an image")
+    sync_api.expect(page.get_by_test_id("refusal")).to_be_hidden()
