@@ -89,7 +89,8 @@ def build_backbone(backbone: str, img_size: int, weights: str, seed: int) -> ker
         raise PipelineError(f"model.weights: cannot load {weights} into {backbone} at "
                             f"{img_size}px: {exc}") from exc
     base.trainable = False
-    return keras.Model(base.inputs, base.outputs, name="backbone")
+    # Single tensors in and out (not one-element lists): no input-structure warning per call.
+    return keras.Model(base.input, base.output, name="backbone")
 
 
 def pooled_features(feature_maps: np.ndarray, pool_size: int) -> np.ndarray:

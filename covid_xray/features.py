@@ -1,0 +1,456 @@
+"""Backbone features, computed once: the cache that makes head-only experiments cheap.
+
+The backbone is frozen, so its output for a given image never changes while the head is trained.
+The seed pushed every image through VGG16 again in every epoch (and held all images in memory as
+float64); here each unique image (by content hash: the COVID images are shared by both models) goes
+through the backbone once, plus ``featurize.augment_copies`` rotated copies of each training-set
+image (the seed's rotation augmentation, drawn once instead of per epoch).
+
+Images are streamed from disk in batches into a ``.npy`` memmap, so memory does not grow with the
+number of images. Nothing here depends on head or training params (dropout, learning rate, epochs,
+batch size, dense nodes, pool size): changing those never re-runs this stage.
+
+Layout of ``data/features/`` (docs/contracts.md): ``features.npy`` float32 ``(rows, f, f, C)``,
+``index.csv`` (``row, sha256, path, copy, angle``), ``backbone.weights.h5``, ``info.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from covid_xray.config import Paths
+from covid_xray.imaging import ImageDecodeError, prepare_file
+from covid_xray.io import PipelineError, atomic_dir, read_json, write_csv, write_json
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import tensorflow as tf
+
+from covid_xray.modeling import build_backbone
+from covid_xray.params import Params
+
+log = logging.getLogger("covid_xray.features")
+
+FEATURES_FILE = "features.npy"
+INDEX_FILE = "index.csv"
+INFO_FILE = "info.json"
+BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
+INDEX_COLUMNS: tuple[str, ...] = ("row", "sha256", "path", "copy", "angle")
+TRAINING_SETS: tuple[str, ...] = ("covid_normal", "covid_pneumonia")
+"""Manifest sets whose images get rotated copies (the held-out sets are only ever scored)."""
+MANIFEST_COLUMNS: tuple[str, ...] = ("path", "set", "label", "sha256")
+XLA_MIN_IMG_SIZE = 160
+"""XLA (``jit_compile``) only from this input size: it helps VGG16 at 224 px (4.7 vs 3.8 img/s on
+the quiet build machine) but is ~8x SLOWER at 32 px (5 vs 45 img/s, measured here). A fixed rule
+rather than a timing race, so the same params always give bit-identical features."""
+
+
+def use_xla(img_size: int) -> bool:
+    """Whether featurize compiles the backbone with XLA at this input size."""
+    return img_size >= XLA_MIN_IMG_SIZE
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """The copy_images manifest, checked for the columns featurize needs."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; run the copy_images stage first (`dvc repro`)")
+    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected the "
+                            f"columns of docs/contracts.md ({', '.join(MANIFEST_COLUMNS)}, ...)")
+    bad = manifest[~manifest["sha256"].str.fullmatch(r"[0-9a-fA-F]{64}")]
+    if not bad.empty:
+        raise PipelineError(f"{path}: column sha256 is not a 64-digit hex digest for "
+                            f"{len(bad)} row(s), e.g. path {bad['path'].iloc[0]!r}; "
+                            "re-run copy_images")
+    return manifest
+
+
+def rotation_angle(sha256: str, copy: int, max_deg: float, seed: int) -> float:
+    """Angle in degrees, uniform in [-max_deg, max_deg], for one (image, copy).
+
+    A pure function of (seed, image content, copy number) rather than one stream over all images,
+    so adding or removing an image never changes the other images' augmentations.
+    """
+    rng = np.random.default_rng([seed, int(sha256, 16), copy])
+    return float(rng.uniform(-max_deg, max_deg))
+
+
+def plan_rows(manifest: pd.DataFrame, augment_copies: int, rotation_deg: float,
+              seed: int) -> pd.DataFrame:
+    """One row per (unique image by sha256, copy), in manifest order (the ``index.csv`` plan).
+
+    Copy 0 is the original; copies 1..k (only for images of a training set, and only when
+    ``rotation_deg`` > 0, since unrotated copies would be exact duplicates) are rotated.
+    """
+    copies = augment_copies if rotation_deg > 0 else 0
+    in_training = set(manifest.loc[manifest["set"].isin(TRAINING_SETS), "sha256"])
+    rows: list[tuple[str, str, int, float]] = []
+    for sha, path in manifest.drop_duplicates("sha256")[["sha256", "path"]].itertuples(
+            index=False, name=None):
+        rows.append((sha, path, 0, 0.0))
+        if sha in in_training:
+            rows.extend((sha, path, c, round(rotation_angle(sha, c, rotation_deg, seed), 4))
+                        for c in range(1, copies + 1))
+    plan = pd.DataFrame(rows, columns=["sha256", "path", "copy", "angle"])
+    plan.insert(0, "row", np.arange(len(plan), dtype=np.int64))
+    return plan
+
+
+@dataclass
+class Batch:
+    """Prepared model inputs for consecutive plan rows (bad images already dropped)."""
+
+    plan_rows: list[int]
+    images: np.ndarray
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _prepare_batch(plan: pd.DataFrame, start: int, stop: int, images_root: Path,
+                   img_size: int, bad_images: dict[str, str]) -> Batch:
+    """Decode + resize (+ rotate) one batch with the shared imaging code; skip unreadable files."""
+    kept: list[int] = []
+    arrays: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    for row, path, angle in plan.iloc[start:stop][["row", "path", "angle"]].itertuples(
+            index=False, name=None):
+        if path in bad_images:
+            continue
+        try:
+            arrays.append(prepare_file(images_root / path, img_size, angle_deg=float(angle)))
+        except (ImageDecodeError, OSError) as exc:
+            bad_images[path] = str(exc)
+            skipped.append((path, str(exc)))
+            continue
+        kept.append(int(row))
+    images = (np.stack(arrays) if arrays
+              else np.zeros((0, img_size, img_size, 3), dtype=np.float32))
+    return Batch(kept, images, skipped)
+
+
+def iter_batches(plan: pd.DataFrame, images_root: Path, img_size: int,
+                 batch_size: int) -> Iterator[Batch]:
+    """Stream prepared batches from disk, decoding the next batch while the current one runs.
+
+    One background thread (OpenCV releases the GIL) overlaps decoding with the backbone; only two
+    batches are in memory at any time, whatever the number of images.
+    """
+    bad_images: dict[str, str] = {}
+    starts = list(range(0, len(plan), batch_size))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for i, start in enumerate(starts):
+            current = pending or pool.submit(_prepare_batch, plan, start, start + batch_size,
+                                             images_root, img_size, bad_images)
+            current_batch = current.result()
+            pending = (pool.submit(_prepare_batch, plan, starts[i + 1], starts[i + 1] + batch_size,
+                                   images_root, img_size, bad_images)
+                       if i + 1 < len(starts) else None)
+            yield current_batch
+
+
+def make_feature_fn(backbone: keras.Model, jit_compile: bool = True
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+    """The backbone's forward pass as a compiled function (XLA when ``jit_compile``).
+
+    Measured on the 2-core build machine at 224 px: Keras ``predict`` 3.4 img/s, ``tf.function``
+    3.8, with XLA 4.7 (docs/dvc-keras-notes.md). Batches must have a fixed shape (pad the last
+    one) so the function is traced and compiled once.
+    """
+    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+    def forward(images: tf.Tensor) -> tf.Tensor:
+        return backbone(images, training=False)
+
+    def call(images: np.ndarray) -> np.ndarray:
+        return np.asarray(forward(tf.convert_to_tensor(images)))
+
+    return call
+
+
+def save_weights_reproducibly(model: keras.Model, path: Path) -> None:
+    """``model.save_weights(path)``, minus the HDF5 object timestamps Keras leaves in.
+
+    With timestamps the same weights give a different file (and a different DVC hash) on every
+    run, so a forced re-run of featurize would needlessly invalidate train/evaluate/validate. The
+    Keras file is rewritten with the same groups and datasets, times not tracked, and without the
+    informational ``name`` of weightless layers (auto-generated, e.g. ``input_layer_3``, so it
+    depends on how many models the process built before; loading goes by path, not by it).
+    ``model.load_weights`` reads the result as usual (the name must end in ``.weights.h5``).
+    """
+    scratch = path.with_name(f".{path.stem}.keras-raw.weights.h5")
+    model.save_weights(scratch)
+    try:
+        with h5py.File(scratch, "r") as source, h5py.File(path, "w") as target:
+            _copy_h5_group(source, target)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _copy_h5_group(source: h5py.Group, target: h5py.Group) -> None:
+    weightless = len(source) == 0
+    for key in sorted(source.attrs):
+        if not (weightless and key == "name"):
+            target.attrs[key] = source.attrs[key]
+    for name in sorted(source):
+        item = source[name]
+        if isinstance(item, h5py.Group):
+            gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+            gcpl.set_obj_track_times(False)
+            _copy_h5_group(item, h5py.Group(h5py.h5g.create(target.id, name.encode(), gcpl=gcpl)))
+        else:
+            dataset = target.create_dataset(name, data=item[()], track_times=False)
+            for key in sorted(item.attrs):
+                dataset.attrs[key] = item.attrs[key]
+
+
+@dataclass
+class FeaturizeResult:
+    """What ``compute_features`` wrote and how fast."""
+
+    index: pd.DataFrame
+    feature_shape: tuple[int, ...]
+    skipped: list[dict[str, str]]
+    seconds: float
+    rows_per_s: float
+
+
+def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Model,
+                     out_file: Path, batch_size: int, jit_compile: bool = True,
+                     progress: bool = True) -> FeaturizeResult:
+    """Run the backbone over every planned row, writing features incrementally to ``out_file``.
+
+    Rows of images that cannot be decoded are dropped (listed in ``skipped``); the written file
+    and the returned index hold only the good rows, renumbered consecutively.
+    """
+    feature_shape = tuple(int(d) for d in backbone.output_shape[1:])
+    img_size = int(backbone.input_shape[1])
+    forward = make_feature_fn(backbone, jit_compile=jit_compile)
+    offset = _create_npy(out_file, (len(plan), *feature_shape))
+    written_rows: list[int] = []
+    skipped: list[dict[str, str]] = []
+    started = time.perf_counter()
+    bar = tqdm(total=len(plan), desc="featurize", unit="img", disable=not progress,
+               mininterval=2.0)
+    # Plain sequential writes after the header, not a writable memmap: written pages then sit in
+    # the page cache, not in this process's resident memory, which stays flat with the row count.
+    with out_file.open("r+b") as handle:
+        handle.seek(offset)
+        for batch in iter_batches(plan, images_root, img_size, batch_size):
+            skipped.extend({"path": p, "reason": r} for p, r in batch.skipped)
+            n = len(batch.plan_rows)
+            if n:
+                padded = batch.images
+                if n < batch_size:  # keep one compiled shape
+                    padded = np.concatenate([padded, np.zeros(
+                        (batch_size - n, *padded.shape[1:]), dtype=padded.dtype)])
+                handle.write(np.ascontiguousarray(forward(padded)[:n], dtype=np.float32).data)
+                written_rows.extend(batch.plan_rows)
+            bar.update(min(batch_size, len(plan) - bar.n))
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(img_per_s=f"{len(written_rows) / elapsed:.1f}")
+    bar.close()
+    seconds = time.perf_counter() - started
+    if len(written_rows) < len(plan):
+        _truncate_rows(out_file, len(written_rows))
+    index = plan.iloc[written_rows].copy()
+    index["row"] = np.arange(len(index), dtype=np.int64)
+    return FeaturizeResult(index=index.reset_index(drop=True), feature_shape=feature_shape,
+                           skipped=skipped, seconds=seconds,
+                           rows_per_s=len(written_rows) / seconds if seconds > 0 else 0.0)
+
+
+def _create_npy(path: Path, shape: tuple[int, ...]) -> int:
+    """Create a float32 ``.npy`` of ``shape`` (header + sparse zero data); returns the data
+    offset in bytes."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape).flush()
+    return _npy_offset(path)
+
+
+def _npy_offset(path: Path) -> int:
+    return int(np.load(path, mmap_mode="r").offset)
+
+
+def _truncate_rows(path: Path, rows: int, chunk_bytes: int = 1 << 24) -> None:
+    """Rewrite a ``.npy`` keeping its first ``rows`` rows (rare: only after skipped images)."""
+    source_shape = np.load(path, mmap_mode="r").shape
+    shorter = path.with_name(path.name + ".short")
+    target_offset = _create_npy(shorter, (rows, *source_shape[1:]))
+    remaining = rows * int(np.prod(source_shape[1:])) * 4
+    with path.open("rb") as source, shorter.open("r+b") as target:
+        source.seek(_npy_offset(path))
+        target.seek(target_offset)
+        while remaining > 0:
+            chunk = source.read(min(chunk_bytes, remaining))
+            target.write(chunk)
+            remaining -= len(chunk)
+    os.replace(shorter, path)
+
+
+TIMING_KEYS: tuple[str, ...] = ("seconds", "images_per_s")
+"""Kept OUT of ``info.json``: a timing inside ``data/features`` would change the output's hash on
+every run, and DVC would then re-run train/evaluate/validate although the features are
+bit-identical. The stage reports them in ``metrics/featurize.json`` instead."""
+
+
+def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """The featurize stage: manifest -> ``data/features/`` (written whole, atomically).
+
+    ``jit_compile`` defaults to :func:`use_xla` for the image size. Returns the ``info.json``
+    payload plus the run's timing (``seconds``, ``images_per_s``: backbone passes per second).
+    """
+    if jit_compile is None:
+        jit_compile = use_xla(params.model.img_size)
+    manifest = read_manifest(paths.manifest)
+    plan = plan_rows(manifest, params.featurize.augment_copies, params.train.rotation_deg,
+                     params.seed)
+    if plan.empty:
+        raise PipelineError(f"{paths.manifest}: no images listed; re-run copy_images")
+    backbone = build_backbone(params.model.backbone, params.model.img_size, params.model.weights,
+                              seed=params.seed)
+    with atomic_dir(paths.features) as folder:
+        save_weights_reproducibly(backbone, folder / BACKBONE_WEIGHTS_FILE)
+        result = compute_features(plan, paths.datasets, backbone, folder / FEATURES_FILE,
+                                  params.featurize.batch_size, jit_compile=jit_compile,
+                                  progress=progress)
+        if result.index.empty:
+            raise PipelineError(f"{paths.datasets}: none of the {plan['path'].nunique()} images "
+                                f"could be decoded (first: {result.skipped[0]['reason']})")
+        write_csv(folder / INDEX_FILE, INDEX_COLUMNS,
+                  list(result.index[list(INDEX_COLUMNS)].itertuples(index=False, name=None)))
+        info = {
+            "backbone": params.model.backbone,
+            "weights": params.model.weights,
+            "img_size": params.model.img_size,
+            "feature_shape": list(result.feature_shape),
+            "augment_copies": params.featurize.augment_copies,
+            "rotation_deg": params.train.rotation_deg,
+            "jit_compile": jit_compile,
+            "images": int(result.index["sha256"].nunique()),
+            "rows": len(result.index),
+            "rotated_rows": int((result.index["copy"] > 0).sum()),
+            "manifest_rows": len(manifest),
+            "skipped": result.skipped,
+        }
+        write_json(folder / INFO_FILE, info)
+    return {**info, "seconds": round(result.seconds, 3),
+            "images_per_s": round(result.rows_per_s, 3)}
+
+
+def featurize_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """``metrics/featurize.json``: counts and throughput (numbers only, for ``dvc metrics``)."""
+    keys = ("images", "rows", "rotated_rows", "manifest_rows", *TIMING_KEYS)
+    return {**{key: report[key] for key in keys}, "skipped": len(report["skipped"]),
+            "img_size": report["img_size"], "xla": int(report["jit_compile"])}
+
+
+@dataclass
+class FeatureStore:
+    """The cached features, read on demand.
+
+    ``features`` is a read-only memmap (shape, dtype, random access in tests); :meth:`take`, used
+    by training and scoring, reads rows with plain file reads instead, so that the pages it
+    touches are not counted in the process's resident memory: peak RSS stays flat however many
+    rows an epoch goes through.
+    """
+
+    folder: Path
+    features: np.ndarray
+    index: pd.DataFrame
+    info: dict[str, Any]
+
+    @classmethod
+    def open(cls, folder: Path) -> FeatureStore:
+        """Open ``data/features``; a clear error when it is missing or inconsistent."""
+        files = [folder / name for name in (FEATURES_FILE, INDEX_FILE, INFO_FILE,
+                                            BACKBONE_WEIGHTS_FILE)]
+        for required in files:
+            if not required.is_file():
+                raise PipelineError(f"{required}: not found; run the featurize stage first "
+                                    "(`dvc repro featurize`)")
+        features = np.load(folder / FEATURES_FILE, mmap_mode="r")
+        index = pd.read_csv(folder / INDEX_FILE, dtype={"sha256": str, "path": str})
+        missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+        if missing or len(index) != features.shape[0]:
+            raise PipelineError(f"{folder}: index.csv ({len(index)} rows, missing columns "
+                                f"{missing or 'none'}) does not match features.npy "
+                                f"({features.shape[0]} rows); re-run featurize")
+        return cls(folder=folder, features=features, index=index,
+                   info=read_json(folder / INFO_FILE))
+
+    @property
+    def backbone_weights(self) -> Path:
+        return self.folder / BACKBONE_WEIGHTS_FILE
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        height, width, channels = self.features.shape[1:]
+        return int(height), int(width), int(channels)
+
+    def check_matches(self, params: Params) -> None:
+        """Refuse features computed with another backbone/size than params say (stale cache)."""
+        expected = {"backbone": params.model.backbone, "weights": params.model.weights,
+                    "img_size": params.model.img_size}
+        found = {key: self.info.get(key) for key in expected}
+        if found != expected:
+            raise PipelineError(f"{self.folder / INFO_FILE}: features were computed for {found}, "
+                                f"params.yaml says {expected}; re-run featurize (`dvc repro`)")
+
+    def rows(self, sha256s: Sequence[str], with_copies: bool = False,
+             what: str = "images") -> tuple[np.ndarray, np.ndarray]:
+        """Feature rows for images (by sha256): ``(rows, owner)``, owner = position in ``sha256s``.
+
+        ``with_copies`` adds the rotated copies. Images with no cached features (skipped at
+        featurize as undecodable) raise, naming the first one: the split lists them, so the cache
+        and the split disagree.
+        """
+        table = self.index if with_copies else self.index[self.index["copy"] == 0]
+        position = pd.Series(np.arange(len(sha256s)), index=pd.Index(list(sha256s)))
+        position = position[~position.index.duplicated()]
+        present = table[table["sha256"].isin(position.index)]
+        absent = set(position.index) - set(present["sha256"])
+        if absent:
+            example = next(iter(sorted(absent)))
+            raise PipelineError(f"{self.folder / INDEX_FILE}: {len(absent)} of the {what} have no "
+                                f"cached features (e.g. sha256 {example[:12]}...); re-run "
+                                "featurize after copy_images/split (`dvc repro`)")
+        present = present.sort_values("row")
+        return (present["row"].to_numpy(dtype=np.int64),
+                position.loc[present["sha256"]].to_numpy(dtype=np.int64))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Read rows into memory (float32), in the given order; runs of consecutive rows are read
+        in one call."""
+        rows = np.asarray(rows, dtype=np.int64)
+        shape = self.features.shape[1:]
+        dtype = self.features.dtype
+        row_bytes = int(np.prod(shape)) * dtype.itemsize
+        out = np.empty((len(rows), *shape), dtype=np.float32)
+        if len(rows) == 0:
+            return out
+        if rows.min() < 0 or rows.max() >= self.features.shape[0]:
+            raise IndexError(f"feature rows out of range 0..{self.features.shape[0] - 1}")
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+        with (self.folder / FEATURES_FILE).open("rb") as handle:
+            for run in np.split(np.arange(len(rows)), breaks):
+                first, count = int(sorted_rows[run[0]]), len(run)
+                handle.seek(self.features.offset + first * row_bytes)
+                block = np.frombuffer(handle.read(count * row_bytes), dtype=dtype)
+                out[order[run]] = block.reshape(count, *shape)
+        return out

@@ -1,0 +1,356 @@
+"""Training one classifier's head on cached backbone features, choosing its operating threshold,
+and saving the complete model (frozen backbone + head) with its sidecar.
+
+The recipe is the seed's (Adam(``train.init_lr``), binary cross-entropy on the 2-way softmax with
+one-hot labels in class order [covid, <negative>], ``train.epochs``, ``train.batch_size``, rotation
+augmentation) run on features instead of pixels: rotated copies were computed once by featurize.
+Training rows = the ``train`` split's originals + their rotated copies; the ``test`` split is only
+logged per epoch (never used for any choice); the ``val`` split chooses the threshold.
+
+Batches are read from the features memmap (a ``keras.utils.PyDataset``), so memory does not grow
+with the image count. Seeded (``keras.utils.set_random_seed`` + deterministic ops): the same params
+give identical metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covid_xray.config import NEGATIVE_CLASS, POSITIVE_CLASS, Paths
+from covid_xray.features import FeatureStore
+from covid_xray.io import PipelineError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import tensorflow as tf
+
+from covid_xray.modeling import (
+    ModelInfo,
+    assemble_classifier,
+    build_backbone,
+    build_head,
+    pooled_features,
+    save_classifier,
+)
+from covid_xray.params import Params
+
+log = logging.getLogger("covid_xray.training")
+
+SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "sha256", "split")
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+
+
+def class_names(model_name: str) -> list[str]:
+    """The output order of every classifier: [covid, <negative class>]."""
+    if model_name not in NEGATIVE_CLASS:
+        raise PipelineError(f"unknown model {model_name!r}; expected one of "
+                            f"{', '.join(NEGATIVE_CLASS)}")
+    return [POSITIVE_CLASS, NEGATIVE_CLASS[model_name]]
+
+
+def read_split(path: Path, model_name: str) -> pd.DataFrame:
+    """``data/splits/<model>.csv``, checked: contract columns, known labels and split names."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; run the split stage first (`dvc repro split`)")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} "
+                            f"(expected {', '.join(SPLIT_COLUMNS)}, see docs/contracts.md)")
+    labels = set(class_names(model_name))
+    bad_label = frame[~frame["label"].isin(labels)]
+    if not bad_label.empty:
+        raise PipelineError(f"{path}: column label has {bad_label['label'].iloc[0]!r} (row of "
+                            f"{bad_label['path'].iloc[0]}); {model_name} expects only "
+                            f"{' / '.join(sorted(labels))}")
+    bad_split = frame[~frame["split"].isin(SPLIT_NAMES)]
+    if not bad_split.empty:
+        raise PipelineError(f"{path}: column split has {bad_split['split'].iloc[0]!r}; "
+                            f"expected one of {', '.join(SPLIT_NAMES)}")
+    if frame[frame["split"] == "train"]["label"].nunique() < 2:
+        raise PipelineError(f"{path}: the train split needs images of both classes "
+                            f"({' and '.join(sorted(labels))}); check copy_images/split")
+    return frame
+
+
+def covid_labels(labels: Sequence[str] | pd.Series) -> np.ndarray:
+    """1 for COVID, 0 for the negative class (what every metric counts as positive)."""
+    return (np.asarray(labels, dtype=object) == POSITIVE_CLASS).astype(np.int64)
+
+
+def one_hot(is_covid: np.ndarray) -> np.ndarray:
+    """Seed-style one-hot targets in class order [covid, negative]."""
+    return np.stack([is_covid, 1 - is_covid], axis=1).astype(np.float32)
+
+
+@dataclass
+class SplitRows:
+    """Feature rows of one split and their labels (1 = COVID), one entry per row."""
+
+    rows: np.ndarray
+    is_covid: np.ndarray
+    sha256: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def split_rows(store: FeatureStore, split: pd.DataFrame, name: str,
+               with_copies: bool = False) -> SplitRows:
+    """Rows of the split ``name`` (``with_copies``: plus rotated copies, for training)."""
+    part = split[split["split"] == name]
+    rows, owner = store.rows(part["sha256"].tolist(), with_copies=with_copies,
+                             what=f"{name}-split images")
+    return SplitRows(rows=rows, is_covid=covid_labels(part["label"].to_numpy()[owner]),
+                     sha256=part["sha256"].to_numpy()[owner])
+
+
+class FeatureBatches(keras.utils.PyDataset):
+    """Batches of cached feature maps read from the memmap, reshuffled each epoch from a seed."""
+
+    def __init__(self, store: FeatureStore, rows: SplitRows, batch_size: int,
+                 shuffle: bool, seed: int = 0) -> None:
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.store = store
+        self.rows = rows.rows
+        self.targets = one_hot(rows.is_covid)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.rng = np.random.default_rng(seed)
+        self.order = self._new_order()
+
+    def _new_order(self) -> np.ndarray:
+        n = len(self.rows)
+        return self.rng.permutation(n) if self.shuffle else np.arange(n)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        return self.store.take(self.rows[picked]), self.targets[picked]
+
+    def on_epoch_end(self) -> None:
+        self.order = self._new_order()
+
+
+def pooled_rows(store: FeatureStore, rows: np.ndarray, pool_size: int,
+                chunk: int = 512) -> np.ndarray:
+    """Pooled + flattened features (the head's Normalization input) of ``rows``, chunk by chunk."""
+    parts = [pooled_features(store.take(rows[i:i + chunk]), pool_size)
+             for i in range(0, len(rows), chunk)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def head_scores(head: keras.Model, store: FeatureStore, rows: np.ndarray,
+                batch_size: int = 256) -> np.ndarray:
+    """COVID probability (class index 0) of the head on cached features, in ``rows`` order."""
+    scores = np.empty(len(rows), dtype=np.float64)
+    for i in range(0, len(rows), batch_size):
+        probs = np.asarray(head(store.take(rows[i:i + batch_size]), training=False))
+        scores[i:i + batch_size] = probs[:, 0]
+    return scores
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The operating threshold (COVID if score >= threshold) and how it was chosen."""
+
+    threshold: float
+    rule: str
+    n: int
+    n_covid: int
+    n_negative: int
+    sensitivity: float | None
+    specificity: float | None
+    note: str = ""
+
+
+def _rates(is_covid: np.ndarray, scores: np.ndarray, threshold: float
+           ) -> tuple[float | None, float | None]:
+    positive = scores >= threshold
+    pos, neg = is_covid == 1, is_covid == 0
+    sens = float(positive[pos].mean()) if pos.any() else None
+    spec = float((~positive[neg]).mean()) if neg.any() else None
+    return sens, spec
+
+
+def choose_threshold(is_covid: np.ndarray, scores: np.ndarray, rule: str,
+                     target_sensitivity: float = 0.95) -> ThresholdChoice:
+    """Pick the threshold on held-aside (``val``) scores by ``rule``.
+
+    Candidates are the midpoints between consecutive distinct scores (a threshold in the middle
+    of a gap generalises better than one sitting on a score). ``youden`` maximises
+    sensitivity + specificity - 1 (ties: the candidate nearest 0.5); ``target_sensitivity`` takes
+    the highest threshold whose sensitivity reaches the target; ``argmax`` is the seed's 0.5.
+    Without usable validation data the rule falls back to 0.5 and says so in ``note``.
+    """
+    is_covid = np.asarray(is_covid, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_covid, n_neg = int(is_covid.sum()), int((1 - is_covid).sum())
+
+    def result(threshold: float, note: str = "") -> ThresholdChoice:
+        sens, spec = _rates(is_covid, scores, threshold) if len(scores) else (None, None)
+        return ThresholdChoice(float(threshold), rule, len(scores), n_covid, n_neg, sens, spec,
+                               note)
+
+    if rule == "argmax":
+        return result(0.5)
+    if n_covid == 0 or (rule == "youden" and n_neg == 0):
+        return result(0.5, f"fallback to 0.5: the val split has {n_covid} COVID and {n_neg} "
+                           f"negative images, too few for rule {rule}")
+    distinct = np.unique(scores)
+    candidates = np.concatenate([[0.0], (distinct[:-1] + distinct[1:]) / 2.0])
+    positive = scores[np.newaxis, :] >= candidates[:, np.newaxis]
+    sens = positive[:, is_covid == 1].mean(axis=1)
+    if rule == "target_sensitivity":
+        reaching = np.flatnonzero(sens >= target_sensitivity - 1e-12)
+        return result(candidates[reaching.max()])
+    if rule != "youden":
+        raise PipelineError(f"threshold.rule: unknown rule {rule!r}")
+    spec = (~positive[:, is_covid == 0]).mean(axis=1)
+    youden = sens + spec - 1.0
+    if youden.max() <= 0:
+        return result(0.5, "fallback to 0.5: the val scores do not separate the classes "
+                           "(Youden's J <= 0 at every threshold)")
+    best = np.flatnonzero(np.isclose(youden, youden.max(), rtol=0, atol=1e-12))
+    return result(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def git_revision(root: Path) -> str:
+    """Short commit of the code that trained the model, or ``unknown`` outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def fit_ood(pooled: np.ndarray, groups: np.ndarray, seed: int) -> dict[str, Any]:
+    """Out-of-distribution statistics for ``ModelInfo.ood`` (empty if covid_xray.ood is absent)."""
+    try:
+        from covid_xray.ood import fit_ood_stats
+    except ImportError:
+        log.warning("covid_xray.ood not available: the model is saved without OOD statistics")
+        return {}
+    return fit_ood_stats(pooled, groups=groups, seed=seed)
+
+
+def relevant_params(params: Params) -> dict[str, Any]:
+    """The params a model depends on, stored in its sidecar for provenance."""
+    return {"seed": params.seed, "model": asdict(params.model),
+            "featurize": asdict(params.featurize), "train": asdict(params.train),
+            "threshold": asdict(params.threshold)}
+
+
+def load_backbone(store: FeatureStore, params: Params) -> keras.Model:
+    """Rebuild the featurize backbone with the exact weights its features came from."""
+    backbone = build_backbone(params.model.backbone, params.model.img_size, "none",
+                              seed=params.seed)
+    backbone.load_weights(store.backbone_weights)
+    return backbone
+
+
+@dataclass
+class TrainResult:
+    """What ``train_model`` produced, for the stage log and tests."""
+
+    model_path: Path
+    info: ModelInfo
+    threshold: ThresholdChoice
+    n_train_rows: int
+    n_train_images: int
+    n_val: int
+    n_test: int
+    history: dict[str, list[float]]
+    seconds: dict[str, float]
+
+
+def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2) -> TrainResult:
+    """The train stage for one model: fit the head, choose the threshold, save the classifier.
+
+    dvclive logs loss/accuracy per epoch (``train/*`` on the training rows, ``eval/*`` on the test
+    split's originals) to ``metrics/train/<model>/``; the summary also holds the threshold.
+    """
+    from dvclive import Live
+    from dvclive.keras import DVCLiveCallback
+
+    store = FeatureStore.open(paths.features)
+    store.check_matches(params)
+    split = read_split(paths.split_file(model_name), model_name)
+    train = split_rows(store, split, "train", with_copies=True)
+    val = split_rows(store, split, "val")
+    test = split_rows(store, split, "test")
+
+    pooled = pooled_rows(store, train.rows, params.model.pool_size)
+    mean = pooled.astype(np.float64).mean(axis=0)
+    variance = pooled.astype(np.float64).var(axis=0)
+
+    keras.utils.set_random_seed(params.train.seed)
+    tf.config.experimental.enable_op_determinism()
+    head = build_head(store.feature_shape, params.model.pool_size, params.model.dense_nodes,
+                      params.train.dropout, mean=mean, variance=variance)
+    head.compile(optimizer=keras.optimizers.Adam(learning_rate=params.train.init_lr),
+                 loss="binary_crossentropy", metrics=["accuracy"])
+    train_batches = FeatureBatches(store, train, params.train.batch_size, shuffle=True,
+                                   seed=params.train.seed)
+    test_batches = (FeatureBatches(store, test, max(params.train.batch_size, 64), shuffle=False)
+                    if len(test) else None)
+
+    seconds: dict[str, float] = {}
+    with Live(str(paths.metrics / "train" / model_name), dvcyaml=False, save_dvc_exp=False,
+              report=None) as live:
+        started = time.perf_counter()
+        history = head.fit(train_batches, epochs=params.train.epochs,
+                           validation_data=test_batches, verbose=verbose,
+                           callbacks=[DVCLiveCallback(live=live)])
+        seconds["fit"] = time.perf_counter() - started
+        val_scores = head_scores(head, store, val.rows)
+        choice = choose_threshold(val.is_covid, val_scores, params.threshold.rule,
+                                  params.threshold.sensitivity)
+        live.log_metric("threshold/value", choice.threshold, plot=False)
+        for key in ("sensitivity", "specificity"):
+            value = getattr(choice, key)
+            if value is not None:
+                live.log_metric(f"threshold/val_{key}", value, plot=False)
+        live.log_metric("threshold/val_images", choice.n, plot=False)
+        live.log_metric("data/train_rows", len(train), plot=False)
+        live.log_metric("data/train_images", int(np.unique(train.sha256).size), plot=False)
+    if choice.note:
+        log.warning("%s: %s", model_name, choice.note)
+
+    started = time.perf_counter()
+    ood = fit_ood(pooled, train.sha256, params.train.seed)
+    seconds["ood"] = time.perf_counter() - started
+    started = time.perf_counter()
+    classifier = assemble_classifier(load_backbone(store, params), head, model_name)
+    info = ModelInfo(
+        model_name=model_name, class_names=class_names(model_name),
+        positive_class=POSITIVE_CLASS, img_size=params.model.img_size,
+        backbone=params.model.backbone, weights=params.model.weights,
+        threshold=choice.threshold, revision=git_revision(paths.root),
+        params={**relevant_params(params), "threshold_choice": asdict(choice)},
+        ood=ood,
+    )
+    model_path = paths.model_file(model_name)
+    save_classifier(classifier, info, model_path)
+    seconds["assemble_save"] = time.perf_counter() - started
+    return TrainResult(model_path=model_path, info=info, threshold=choice,
+                       n_train_rows=len(train), n_train_images=int(np.unique(train.sha256).size),
+                       n_val=len(val), n_test=len(test),
+                       history={k: [float(v) for v in vals]
+                                for k, vals in history.history.items()},
+                       seconds={k: round(v, 3) for k, v in seconds.items()})

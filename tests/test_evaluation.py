@@ -1,0 +1,221 @@
+"""evaluate / validate: metrics and bootstrap intervals, plot data, held-out and external sets."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.metrics import f1_score, precision_score, roc_auc_score
+from test_features import make_project
+
+from covid_xray.config import MODEL_NAMES, Paths
+from covid_xray.evaluation import (
+    METRIC_NAMES,
+    binary_metrics,
+    bootstrap_cis,
+    external_files,
+    metrics_with_ci,
+    score_bin,
+    score_files,
+)
+from covid_xray.features import featurize
+from covid_xray.imaging import prepare_file
+from covid_xray.io import PipelineError
+from covid_xray.modeling import Classifier
+from covid_xray.params import load_params
+from covid_xray.training import train_model
+
+# ---------------------------------------------------------------------------------------------
+# Metric arithmetic
+
+
+def test_metrics_match_hand_counts_and_sklearn() -> None:
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    s = np.array([0.9, 0.8, 0.4, 0.3, 0.35, 0.1, 0.2, 0.6, 0.05, 0.3])
+    m = binary_metrics(y, s, threshold=0.5)  # TP 2, FN 2, FP 1, TN 5
+    assert m["accuracy"] == pytest.approx(0.7)
+    assert m["sensitivity"] == pytest.approx(0.5)
+    assert m["specificity"] == pytest.approx(5 / 6)
+    assert m["precision"] == pytest.approx(precision_score(y, s >= 0.5))
+    assert m["f1"] == pytest.approx(f1_score(y, s >= 0.5))
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, s))  # includes a tied pair (0.3)
+    lower = binary_metrics(y, s, threshold=0.25)
+    assert lower["sensitivity"] == 1.0 and lower["specificity"] < m["specificity"]
+
+
+def test_undefined_metrics_are_null_not_nan() -> None:
+    only_negatives = binary_metrics(np.zeros(4, int), np.array([0.1, 0.2, 0.7, 0.3]), 0.5)
+    assert only_negatives["sensitivity"] is None and only_negatives["roc_auc"] is None
+    assert only_negatives["specificity"] == 0.75
+    none_flagged = binary_metrics(np.array([1, 0]), np.array([0.1, 0.2]), 0.5)
+    assert none_flagged["precision"] is None and none_flagged["f1"] == 0.0
+    empty = metrics_with_ci(np.zeros(0, int), np.zeros(0), 0.5, 20, 0)
+    assert empty["n"] == 0 and empty["accuracy"] is None and empty["accuracy_ci"] is None
+    json.dumps(empty, allow_nan=False)
+
+
+def test_score_bins_cover_zero_to_one() -> None:
+    assert [score_bin(v) for v in (0.0, 0.05, 0.1, 0.5, 0.99, 1.0)] == [
+        "0.0-0.1", "0.0-0.1", "0.1-0.2", "0.5-0.6", "0.9-1.0", "0.9-1.0"]
+
+
+def test_bootstrap_intervals_are_seeded_stratified_and_shrink_with_n() -> None:
+    rng = np.random.default_rng(1)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.repeat([1, 0], n // 2)
+        return y, np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+
+    y, s = sample(30)
+    a = bootstrap_cis(y, s, 0.5, 300, seed=7)
+    assert a == bootstrap_cis(y, s, 0.5, 300, seed=7)
+    assert a != bootstrap_cis(y, s, 0.5, 300, seed=8)
+    point = binary_metrics(y, s, 0.5)
+    for name in METRIC_NAMES:
+        low, high = a[name]
+        assert 0.0 <= low <= point[name] <= high <= 1.0
+    big_y, big_s = sample(3000)
+    b = bootstrap_cis(big_y, big_s, 0.5, 300, seed=7)
+    assert (b["accuracy"][1] - b["accuracy"][0]) < (a["accuracy"][1] - a["accuracy"][0]) / 3
+    assert bootstrap_cis(y, s, 0.5, 0, seed=7)["accuracy"] is None
+    # Stratified: even one COVID image among many keeps sensitivity defined in every resample.
+    rare = bootstrap_cis(np.array([1] + [0] * 20), np.linspace(1, 0, 21), 0.5, 200, seed=0)
+    assert rare["sensitivity"] == [1.0, 1.0] and rare["roc_auc"] == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages on a tiny synthetic project
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Paths]:
+    root = tmp_path_factory.mktemp("evaluate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("COVID_XRAY_ROOT", raising=False)
+        paths = make_project(root)
+        params = load_params(paths.params)
+        featurize(paths, params, progress=False)
+        for model in MODEL_NAMES:
+            train_model(model, paths, params, verbose=0)
+        yield paths
+
+
+def test_evaluate_writes_metrics_plots_and_reports(trained: Paths) -> None:
+    from stages.evaluate import main
+
+    main()
+    first = (trained.metrics / "evaluate.json").read_text()
+    results = json.loads(first)
+    for model in MODEL_NAMES:
+        m = results[model]
+        info = json.loads((trained.models / f"{model}.json").read_text())
+        assert m["threshold"] == info["threshold"] and m["threshold_rule"] == "youden"
+        split = pd.read_csv(trained.split_file(model))
+        assert m["n_test"] == int((split["split"] == "test").sum()) == m["n_covid"] + \
+            m["n_negative"]
+        for name in METRIC_NAMES:
+            assert m[name] is not None and len(m[f"{name}_ci"]) == 2
+        assert m["roc_auc"] > 0.8 and m["accuracy"] > 0.7  # clearly above chance
+        confusion = pd.read_csv(trained.plots / "evaluate" / f"{model}_confusion.csv")
+        assert list(confusion.columns) == ["actual", "predicted"]
+        assert len(confusion) == m["n_test"]
+        agree = (confusion["actual"] == confusion["predicted"]).mean()
+        assert agree == pytest.approx(m["accuracy"])
+        roc = pd.read_csv(trained.plots / "evaluate" / f"{model}_roc.csv")
+        assert list(roc.columns) == ["fpr", "tpr", "threshold"]
+        assert roc["fpr"].is_monotonic_increasing and roc["tpr"].iloc[-1] == 1.0
+        report = (trained.reports / "evaluate" / f"{model}_classification_report.txt").read_text()
+        assert f"threshold {m['threshold']:.4f}" in report and "small" in report
+    main()  # seeded: the same inputs give the same file
+    assert (trained.metrics / "evaluate.json").read_text() == first
+
+
+def test_validate_scores_heldout_and_external_sets(trained: Paths) -> None:
+    from stages.validate import main
+
+    main()
+    results = json.loads((trained.metrics / "validate.json").read_text())
+    assert results["skipped_images"] == 0
+    for model, negative in (("covid_normal", "normal"), ("covid_pneumonia", "pneumonia")):
+        m = results[model]
+        assert set(m["sets"]) == {"heldout_covid", "heldout_normal", "heldout_pneumonia",
+                                  "kermany_test_normal", "kermany_test_pneumonia",
+                                  "external_ext_covid", "external_ext_normal"}
+        for s in m["sets"].values():
+            assert s["n"] > 0 and 0 <= s["flagged_positive"] <= s["n"]
+            assert 0 <= s["median_score"] <= 1
+        assert m["sets"]["heldout_covid"]["flagged_positive"] >= 3  # 4 learnable COVID images
+        assert m["heldout"]["n"] == 4 + 4 + 4  # covid + heldout negative + kermany_test negative
+        assert m["heldout"]["n_covid"] == 4 and m["heldout"]["roc_auc"] > 0.8
+        assert m["test"]["n"] > 0 and m["test"]["roc_auc_ci"] is not None
+        ext = m["external"]["ext"]
+        assert ext["n_covid"] == 6 and ext["n_negative"] == (6 if negative == "normal" else 0)
+        scores = pd.read_csv(trained.plots / "validate" / f"{model}_scores.csv")
+        assert list(scores.columns) == ["set", "label", "score", "score_bin"]
+        low = scores["score_bin"].str.slice(0, 3).astype(float)
+        assert ((low <= scores["score"]) & (scores["score"] <= low + 0.1)).all()
+        assert {"test", "heldout_covid", "external_ext_covid"} <= set(scores["set"])
+        pngs = sorted((trained.plots / "gradcam" / model).glob("*.png"))
+        # one image (gradcam_images: 1) per set of the model's two classes
+        assert len(pngs) == (5 if negative == "normal" else 4)
+        picture = cv2.imread(str(pngs[0]))
+        assert picture is not None and picture.shape[2] == 3
+    summary = (trained.reports / "validate" / "summary.txt").read_text()
+    assert "external ext" in summary and "held-out" in summary
+
+
+def test_external_scores_equal_the_full_saved_models(trained: Paths) -> None:
+    classifiers = {m: Classifier.load(trained.model_file(m)) for m in MODEL_NAMES}
+    files = external_files("ext", "data/raw/external", trained.root)
+    bad = trained.root / "data" / "raw" / "external" / "normal" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    try:
+        paths = [*files["path"].tolist()[:5], str(bad)]
+        scores, kept, skipped = score_files(classifiers, paths, batch_size=4)
+    finally:
+        bad.unlink()
+    assert kept == [0, 1, 2, 3, 4] and [s["path"] for s in skipped] == [str(bad)]
+    images = np.stack([prepare_file(p, 32) for p in paths[:5]])
+    for model, classifier in classifiers.items():
+        np.testing.assert_allclose(scores[model], classifier.covid_scores(images), atol=1e-5)
+
+
+def test_missing_external_folder_names_the_params_key(trained: Paths) -> None:
+    from stages.validate import main
+
+    params = yaml.safe_load(trained.params.read_text())
+    original = trained.params.read_text()
+    params["validate"]["external"] = {"hospital_b": "data/raw/nowhere"}
+    trained.params.write_text(yaml.safe_dump(params))
+    before = (trained.metrics / "validate.json").stat().st_mtime_ns \
+        if (trained.metrics / "validate.json").exists() else None
+    try:
+        with pytest.raises(PipelineError, match=r"validate\.external\.hospital_b.*nowhere"):
+            main()
+    finally:
+        trained.params.write_text(original)
+    after = (trained.metrics / "validate.json").stat().st_mtime_ns \
+        if (trained.metrics / "validate.json").exists() else None
+    assert before == after  # failed before writing anything
+    empty = trained.root / "empty_ext"
+    (empty / "covid").mkdir(parents=True)
+    with pytest.raises(PipelineError, match="no images"):
+        external_files("empty", str(empty), Path("/"))
+
+
+def test_evaluate_without_models_says_what_to_run(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = make_project(tmp_path, n_train=10, n_heldout=1, n_external=1)
+    monkeypatch.chdir(tmp_path)
+    from stages.evaluate import main
+
+    with pytest.raises(PipelineError, match="featurize"):
+        main()
+    assert not (paths.metrics / "evaluate.json").exists()

@@ -1,0 +1,175 @@
+"""The real pipeline, run with real DVC in a temporary copy of the repository.
+
+One module-scoped `dvc repro` (tiny images, few epochs) feeds every test here: up-to-date
+checks, dvc dag/metrics/params/plots, a head-only experiment, determinism, bad params, and the
+generated report checked against the metrics files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline_helpers import FAST_PARAMS, make_repo_copy, read_json, run
+
+pytestmark = pytest.mark.slow
+
+ALL_STAGES = {"acquire", "select_metadata", "copy_images", "split", "audit", "probe",
+              "featurize", "train@covid_normal", "train@covid_pneumonia", "evaluate",
+              "validate", "report"}
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> dict:
+    repo = make_repo_copy(repo_root, tmp_path_factory.mktemp("pipeline") / "repo", FAST_PARAMS)
+    first = run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "first run"], repo)
+    return {"repo": repo, "first": first.stdout + first.stderr}
+
+
+def test_repro_runs_every_stage_then_is_up_to_date(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    assert ran(pipeline["first"]) == ALL_STAGES
+    for output in ("models/covid_normal.keras", "models/covid_pneumonia.keras",
+                   "models/covid_normal.json", "models/covid_normal.card.md",
+                   "data/features/features.npy", "data/datasets/manifest.csv",
+                   "metrics/selection.json", "metrics/evaluate.json", "metrics/validate.json",
+                   "reports/report.md"):
+        assert (repo / output).is_file(), output
+    again = run(["dvc", "repro"], repo)
+    assert ran(again.stdout) == set()
+    assert "up to date" in (again.stdout + again.stderr).lower()
+    # every output is either ignored (DVC-cached) or committed (metrics, plots, reports)
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""
+
+
+def test_dvc_dag_metrics_and_plots_work(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    dag = run(["dvc", "dag", "--md"], repo).stdout
+    for stage in ("acquire", "select_metadata", "copy_images", "split", "featurize", "evaluate"):
+        assert stage in dag
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    files = metrics[""]["data"]
+    selection = files["metrics/selection.json"]["data"]
+    assert selection["rows_in"] > selection["rows_selected"] > 0
+    assert "covid_normal" in files["metrics/evaluate.json"]["data"]
+    plots = run(["dvc", "plots", "show", "--json"], repo).stdout
+    assert "ROC curve, test split" in plots and "gradcam" in plots
+
+
+def test_data_stages_are_sound(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    selection = read_json(repo / "metrics/selection.json")
+    assert selection["dropped"]["modality"] > 0 and selection["dropped"]["view"] > 0
+    assert selection["missing_files"] > 0 and selection["rows_heldout"] > 0
+    split = read_json(repo / "metrics/split.json")
+    assert all(split[m]["patient_overlap"] == 0 for m in ("covid_normal", "covid_pneumonia"))
+    audit = read_json(repo / "metrics/audit.json")
+    assert audit["passed"] and audit["leaks"]["total"] == 0
+
+
+def test_models_beat_chance_on_held_out_sets(pipeline: dict) -> None:
+    validate = read_json(pipeline["repo"] / "metrics/validate.json")
+    normal = validate["covid_normal"]
+    assert normal["heldout"]["roc_auc"] > 0.7
+    assert normal["external"]["demo_external"]["n"] > 0  # external set scored
+
+
+def test_head_only_experiment_skips_featurize(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    result = run(["dvc", "exp", "run", "-S", "train.dropout=0.3"], repo)
+    assert ran(result.stdout) == {"train@covid_normal", "train@covid_pneumonia", "evaluate",
+                                  "validate", "report"}
+    diff = run(["dvc", "metrics", "diff", "--json"], repo).stdout
+    assert "metrics/evaluate.json" in diff
+    assert "train.dropout" in run(["dvc", "params", "diff"], repo).stdout
+    show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout
+    assert "train.dropout" in show and "0.3" in show
+    run(["git", "checkout", "--", "."], repo)
+    run(["dvc", "checkout", "--force"], repo)
+
+
+def test_same_params_give_identical_metrics(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    before = (repo / "metrics/evaluate.json").read_text()
+    lock_before = yaml.safe_load((repo / "dvc.lock").read_text())
+    run(["dvc", "repro", "-f", "-s", "featurize"], repo)
+    run(["dvc", "repro", "-f", "-s", "train@covid_normal"], repo)
+    run(["dvc", "repro", "-f", "-s", "train@covid_pneumonia"], repo)
+    run(["dvc", "repro", "-f", "-s", "evaluate"], repo)
+    lock_after = yaml.safe_load((repo / "dvc.lock").read_text())
+
+    def features_hash(lock: dict) -> str:
+        return lock["stages"]["featurize"]["outs"][0]["md5"]
+
+    assert features_hash(lock_after) == features_hash(lock_before)
+    assert (repo / "metrics/evaluate.json").read_text() == before
+
+
+def test_bad_params_fail_before_work_naming_the_key(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    try:
+        for key, value in (("train.dropout", "1.5"), ("train.batch_size", "0"),
+                           ("model.backbone", "resnet9000"), ("model.weights", "nowhere.h5")):
+            section, name = key.split(".")
+            params = yaml.safe_load(original)
+            params[section][name] = yaml.safe_load(value)
+            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+            result = run(["dvc", "repro"], repo, check=False)
+            assert result.returncode != 0
+            assert f"`{key}`" in result.stderr + result.stdout, key
+    finally:
+        params_file.write_text(original)
+
+
+def test_report_and_cards_match_the_metrics(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    report = (repo / "reports/report.md").read_text()
+    for section in ("## Data", "## Results: internal test vs held-out vs external",
+                    "## Leakage audit", "## Shortcut probe", "## Plots", "## Grad-CAM gallery",
+                    "## Limitations", "not a diagnostic device"):
+        assert section in report, section
+    evaluate = read_json(repo / "metrics/evaluate.json")
+    validate = read_json(repo / "metrics/validate.json")
+    selection = read_json(repo / "metrics/selection.json")
+    for model in ("covid_normal", "covid_pneumonia"):
+        assert f"{evaluate[model]['roc_auc']:.3f}" in report
+        external = validate[model]["external"]["demo_external"]
+        if external["accuracy"] is not None:
+            assert f"{external['accuracy']:.3f}" in report
+        card = (repo / f"models/{model}.card.md").read_text()
+        assert "Intended use" in card and "not a diagnostic device" in card
+        assert f"{evaluate[model]['sensitivity']:.3f}" in card
+    assert f"{selection['rows_in']} rows in" in report
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (repo / "reports" / image).resolve().is_file(), image
+
+
+def test_data_stages_run_on_the_real_sample_via_a_local_source(
+        tmp_path: Path, repo_root: Path, xray_sample: Path) -> None:
+    """The real files, in their real layouts (older metadata schema, most images missing)."""
+    params = {"data": {"source": str(xray_sample)},
+              "copy": {"heldout_normal": 1, "heldout_pneumonia": 1, "max_per_class": 6},
+              "split": {"test_size": 0.3, "val_size": 0.0}}
+    repo = make_repo_copy(repo_root, tmp_path / "repo", params)
+    result = run(["dvc", "repro", "split"], repo)
+    assert ran(result.stdout) == {"acquire", "select_metadata", "copy_images", "split"}
+    selection = read_json(repo / "metrics/selection.json")
+    assert selection["schema"]["patient_column"] == "Patientid"
+    assert selection["missing_files"] >= 20  # counted and reported, not fatal
+    assert selection["rows_selected"] > 0
+    source = read_json(repo / "data/raw/SOURCE.json")
+    assert source["source"] == "local" and source["links"]["hardlinks"] + \
+        source["links"]["symlinks"] > 0
+    split = read_json(repo / "metrics/split.json")
+    assert split["covid_normal"]["patient_overlap"] == 0
