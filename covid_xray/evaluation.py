@@ -124,19 +124,31 @@ def bootstrap_cis(is_covid: np.ndarray, scores: np.ndarray, threshold: float, re
 
 def metrics_with_ci(is_covid: np.ndarray, scores: np.ndarray, threshold: float, resamples: int,
                     seed: int) -> dict[str, Any]:
-    """``{metric: value, metric_ci: [lo, hi], n, n_covid, n_negative}`` for one set."""
+    """``{metric: value, metric_ci_low, metric_ci_high, n, n_covid, n_negative}`` for one set.
+
+    The interval is two scalar keys, not a list: `dvc metrics show/diff` and `dvc exp show`
+    drop list values, and an interval nobody sees is no use.
+    """
     is_covid = np.asarray(is_covid, dtype=np.int64)
     if len(is_covid) == 0:
         return {"n": 0, "n_covid": 0, "n_negative": 0,
-                **{key: None for name in METRIC_NAMES for key in (name, f"{name}_ci")}}
+                **{key: None for name in METRIC_NAMES
+                   for key in (name, f"{name}_ci_low", f"{name}_ci_high")}}
     point = binary_metrics(is_covid, scores, threshold)
     cis = bootstrap_cis(is_covid, scores, threshold, resamples, seed)
     out: dict[str, Any] = {"n": len(is_covid), "n_covid": int(is_covid.sum()),
                            "n_negative": int(len(is_covid) - is_covid.sum())}
     for name in METRIC_NAMES:
         out[name] = point[name]
-        out[f"{name}_ci"] = cis[name]
+        interval = cis[name] or [None, None]
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = interval
     return out
+
+
+def ci_of(metrics: dict[str, Any], name: str) -> list[float] | None:
+    """``[low, high]`` of a metric in a :func:`metrics_with_ci` dict, or None if undefined."""
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    return None if low is None or high is None else [low, high]
 
 
 def score_summary(scores: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -185,7 +197,7 @@ def report_text(model_name: str, is_covid: np.ndarray, scores: np.ndarray,
              f"images: {metrics['n']} ({metrics['n_covid']} covid, {metrics['n_negative']} "
              f"{negative})", "", table, "95% bootstrap intervals:"]
     for name in METRIC_NAMES:
-        ci = metrics[f"{name}_ci"]
+        ci = ci_of(metrics, name)
         value = metrics[name]
         lines.append(f"  {name:<12} {'n/a' if value is None else f'{value:.4f}'}  "
                      f"[{'n/a' if ci is None else f'{ci[0]:.4f}, {ci[1]:.4f}'}]")
@@ -377,7 +389,7 @@ def gradcam_image(classifier: Classifier, image_path: Path, score: float) -> np.
 
 
 def _fmt(metrics: dict[str, Any], name: str) -> str:
-    value, ci = metrics.get(name), metrics.get(f"{name}_ci")
+    value, ci = metrics.get(name), ci_of(metrics, name)
     if value is None:
         return "n/a"
     return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")

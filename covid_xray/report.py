@@ -78,8 +78,10 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def with_ci(metrics: dict[str, Any], name: str) -> str:
-    """``0.912 [0.85, 0.97]`` from ``{name: v, name_ci: [lo, hi]}``."""
-    value, ci = metrics.get(name), metrics.get(f"{name}_ci")
+    """``0.912 [0.85, 0.97]`` from ``{name: v, name_ci_low: lo, name_ci_high: hi}``."""
+    value = metrics.get(name)
+    low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    ci = None if low is None or high is None else (low, high)
     if value is None:
         return "n/a"
     return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
