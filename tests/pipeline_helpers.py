@@ -23,6 +23,7 @@ FAST_PARAMS: dict[str, Any] = {
 }
 
 _SKIP = {".git", "data", "models", "metrics", "plots", "reports", "dvclive", ".pytest_cache",
+         "dvc.lock",
          ".ruff_cache", "tests", "benchmarks", "__pycache__"}
 
 
