@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,3 +27,10 @@ def xray_sample() -> Path:
     if not (XRAY_SAMPLE / "covid-chestxray-dataset" / "metadata.csv").is_file():
         pytest.skip(f"real X-ray sample not found at {XRAY_SAMPLE}")
     return XRAY_SAMPLE
+
+
+def film_sized(rgb: np.ndarray) -> np.ndarray:
+    """A small demo image at the size and grain of a real scan (for when the sample is absent)."""
+    big = cv2.resize(rgb, (640, 480), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    grain = np.random.default_rng(0).normal(0.0, 6.0, big.shape[:2])[:, :, None]
+    return np.clip(big + grain, 0, 255).astype(np.uint8)

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import XRAY_SAMPLE
+from conftest import XRAY_SAMPLE, film_sized
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
@@ -58,7 +58,7 @@ def xray_rgb() -> np.ndarray:
         path = sorted((sample / "chest_xray" / "test" / "PNEUMONIA").glob("*.jpeg"))[0]
         rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
         return cv2.resize(rgb, (640, 480), interpolation=cv2.INTER_AREA)
-    return demo_images_by_class(per_class=1, seed=11)["pneumonia"][0]
+    return film_sized(demo_images_by_class(per_class=1, seed=11)["pneumonia"][0])
 
 
 def pil_bytes(image: Image.Image, fmt: str, **options: object) -> bytes:

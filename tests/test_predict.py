@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import XRAY_SAMPLE
+from conftest import XRAY_SAMPLE, film_sized
 from sklearn.datasets import load_sample_image
 
 from covid_xray import imaging
@@ -47,7 +47,7 @@ def xray_jpeg() -> bytes:
     if sample is not None:
         return next(iter(sorted((sample / "chest_xray" / "test" / "NORMAL").glob("*.jpeg")))
                     ).read_bytes()
-    rgb = demo_images_by_class(per_class=1, seed=9)["normal"][0]
+    rgb = film_sized(demo_images_by_class(per_class=1, seed=9)["normal"][0])
     return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
