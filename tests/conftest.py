@@ -34,3 +34,24 @@ def film_sized(rgb: np.ndarray) -> np.ndarray:
     big = cv2.resize(rgb, (640, 480), interpolation=cv2.INTER_CUBIC).astype(np.float32)
     grain = np.random.default_rng(0).normal(0.0, 6.0, big.shape[:2])[:, :, None]
     return np.clip(big + grain, 0, 255).astype(np.uint8)
+
+
+def sample_dir() -> Path | None:
+    """The real sample's folder, or None on a clone without it (tests then use demo images)."""
+    return XRAY_SAMPLE if (XRAY_SAMPLE / "chest_xray").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny real models (32 px VGG16, random frozen backbone), built once per test session."""
+    from covid_xray.predict import ensure_smoke_models
+
+    return ensure_smoke_models(tmp_path_factory.getbasetemp() / "smoke-models", sample_dir())
+
+
+@pytest.fixture(scope="module")
+def service(models_dir: Path):
+    """Both smoke models loaded into the one prediction service the app and CLI use."""
+    from covid_xray.predict import PredictionService
+
+    return PredictionService.load(models_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import XRAY_SAMPLE, film_sized
+from conftest import film_sized, sample_dir
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
@@ -22,22 +22,8 @@ from sklearn.datasets import load_sample_image
 
 from covid_xray.config import MODEL_NAMES
 from covid_xray.modeling import ModelLoadError
-from covid_xray.predict import PredictionService, demo_images_by_class, ensure_smoke_models
+from covid_xray.predict import PredictionService, demo_images_by_class
 from covid_xray.serving import create_app
-
-
-def sample_dir() -> Path | None:
-    return XRAY_SAMPLE if (XRAY_SAMPLE / "chest_xray").is_dir() else None
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_smoke_models(tmp_path_factory.getbasetemp() / "smoke-models", sample_dir())
-
-
-@pytest.fixture(scope="module")
-def service(models_dir: Path) -> PredictionService:
-    return PredictionService.load(models_dir)
 
 
 @pytest.fixture(scope="module")

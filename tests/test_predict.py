@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import XRAY_SAMPLE, film_sized
+from conftest import XRAY_SAMPLE, film_sized, sample_dir
 from sklearn.datasets import load_sample_image
 
 from covid_xray import imaging
@@ -21,23 +21,7 @@ from covid_xray.predict import (
     InputError,
     PredictionService,
     demo_images_by_class,
-    ensure_smoke_models,
 )
-
-
-def sample_dir() -> Path | None:
-    return XRAY_SAMPLE if (XRAY_SAMPLE / "chest_xray").is_dir() else None
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny real models (32 px VGG16, random frozen backbone), built once per test session."""
-    return ensure_smoke_models(tmp_path_factory.getbasetemp() / "smoke-models", sample_dir())
-
-
-@pytest.fixture(scope="module")
-def service(models_dir: Path) -> PredictionService:
-    return PredictionService.load(models_dir)
 
 
 @pytest.fixture(scope="module")
