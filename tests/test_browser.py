@@ -15,11 +15,11 @@ from pathlib import Path
 
 import cv2
 import pytest
-from conftest import XRAY_SAMPLE
+from conftest import sample_dir
 from sklearn.datasets import load_sample_image
 
 from covid_xray.config import MODEL_NAMES
-from covid_xray.predict import PredictionService, demo_images_by_class, ensure_smoke_models
+from covid_xray.predict import PredictionService, demo_images_by_class
 from covid_xray.serving import create_app
 
 pytestmark = pytest.mark.slow
@@ -33,15 +33,6 @@ if not CHROMIUM.is_file():
     pytest.skip(f"Chromium not found at {CHROMIUM} (install the Debian packages chromium and "
                 "chromium-driver, or set COVID_XRAY_CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
-
-
-def sample_dir() -> Path | None:
-    return XRAY_SAMPLE if (XRAY_SAMPLE / "chest_xray").is_dir() else None
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_smoke_models(tmp_path_factory.getbasetemp() / "smoke-models", sample_dir())
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,12 @@ from pathlib import Path
 
 import cv2
 import pytest
-from conftest import XRAY_SAMPLE
+from conftest import sample_dir
 from sklearn.datasets import load_sample_image
 
 from covid_xray.cli import main
 from covid_xray.config import MODEL_NAMES
-from covid_xray.predict import demo_images_by_class, ensure_smoke_models
-
-
-def sample_dir() -> Path | None:
-    return XRAY_SAMPLE if (XRAY_SAMPLE / "chest_xray").is_dir() else None
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_smoke_models(tmp_path_factory.getbasetemp() / "smoke-models", sample_dir())
+from covid_xray.predict import demo_images_by_class
 
 
 @pytest.fixture(scope="module")

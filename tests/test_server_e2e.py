@@ -20,17 +20,13 @@ from pathlib import Path
 import cv2
 import pytest
 import requests
-from conftest import XRAY_SAMPLE
+from conftest import sample_dir
 
 from covid_xray.config import MODEL_NAMES
-from covid_xray.predict import demo_images_by_class, ensure_smoke_models
+from covid_xray.predict import demo_images_by_class
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 180
-
-
-def sample_dir() -> Path | None:
-    return XRAY_SAMPLE if (XRAY_SAMPLE / "chest_xray").is_dir() else None
 
 
 def cli() -> list[str]:
@@ -42,11 +38,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_smoke_models(tmp_path_factory.getbasetemp() / "smoke-models", sample_dir())
 
 
 @pytest.fixture(scope="module")
