@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from covid_xray import splitting
 from covid_xray.config import Paths
 from covid_xray.imaging import ImageDecodeError, prepare_file
 from covid_xray.io import PipelineError, atomic_dir, read_json, write_csv, write_json
@@ -64,14 +65,8 @@ def use_xla(img_size: int) -> bool:
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
-    """The copy_images manifest, checked for the columns featurize needs."""
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found; run the copy_images stage first (`dvc repro`)")
-    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected the "
-                            f"columns of docs/contracts.md ({', '.join(MANIFEST_COLUMNS)}, ...)")
+    """The copy_images manifest with the columns featurize needs and well-formed digests."""
+    manifest = splitting.read_manifest(path, required=MANIFEST_COLUMNS)
     bad = manifest[~manifest["sha256"].str.fullmatch(r"[0-9a-fA-F]{64}")]
     if not bad.empty:
         raise PipelineError(f"{path}: column sha256 is not a 64-digit hex digest for "

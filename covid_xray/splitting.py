@@ -26,12 +26,15 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 _MANIFEST_COLUMNS = ("path", "set", "label", "patient_id", "sha256")
 
 
-def read_manifest(path: Path) -> pd.DataFrame:
-    """The copy_images manifest, checked for the columns this stage needs."""
+def read_manifest(path: Path, required: Sequence[str] = _MANIFEST_COLUMNS) -> pd.DataFrame:
+    """The copy_images manifest (all strings), checked for the ``required`` columns.
+
+    The one reader of data/datasets/manifest.csv: split, featurize and validate call it.
+    """
     if not path.is_file():
-        raise PipelineError(f"{path}: not found; run the copy_images stage first")
+        raise PipelineError(f"{path}: not found; run the copy_images stage first (`dvc repro`)")
     manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in _MANIFEST_COLUMNS if c not in manifest.columns]
+    missing = [c for c in required if c not in manifest.columns]
     if missing:
         raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected the "
                             "copy_images manifest (docs/contracts.md). Re-run copy_images.")
