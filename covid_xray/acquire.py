@@ -11,7 +11,6 @@ code that refuses any archive member that would land outside the target folder.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from covid_xray.config import Paths
 from covid_xray.demo import generate_demo
-from covid_xray.io import PipelineError, atomic_dir, write_json
+from covid_xray.io import PipelineError, atomic_dir, sha256_file, write_json
 from covid_xray.params import Params
 
 log = logging.getLogger("acquire")
@@ -291,14 +290,6 @@ def check_connectivity(archives: Sequence[RemoteArchive], downloads: Path,
             raise PipelineError(_offline_message(
                 archives, downloads, f"cannot reach {host}:{port} ({exc.__class__.__name__}: "
                 f"{exc})")) from exc
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")

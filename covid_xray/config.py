@@ -17,6 +17,14 @@ NEGATIVE_CLASS: dict[str, str] = {"covid_normal": "normal", "covid_pneumonia": "
 POSITIVE_CLASS = "covid"
 
 
+def class_names(model_name: str) -> list[str]:
+    """The output order of every classifier: [covid, <negative class>]."""
+    if model_name not in NEGATIVE_CLASS:
+        raise ValueError(f"unknown model {model_name!r}; expected one of "
+                         f"{', '.join(NEGATIVE_CLASS)}")
+    return [POSITIVE_CLASS, NEGATIVE_CLASS[model_name]]
+
+
 def project_root() -> Path:
     """The repository root: ``$COVID_XRAY_ROOT`` if set, else the current directory."""
     return Path(os.environ.get("COVID_XRAY_ROOT", os.getcwd())).resolve()
@@ -35,6 +43,7 @@ class Paths:
         self.datasets = self.data / "datasets"
         self.splits = self.data / "splits"
         self.features = self.data / "features"
+        self.predictions = self.data / "predictions"
         self.models = self.root / "models"
         self.metrics = self.root / "metrics"
         self.plots = self.root / "plots"
@@ -54,6 +63,9 @@ class Paths:
 
     def split_file(self, model_name: str) -> Path:
         return self.splits / f"{model_name}.csv"
+
+    def predictions_dir(self, model_name: str) -> Path:
+        return self.predictions / model_name
 
     def model_file(self, model_name: str) -> Path:
         return self.models / f"{model_name}.keras"

@@ -29,13 +29,15 @@ from tqdm import tqdm
 
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
 from covid_xray.imaging import ImageDecodeError, decode_image, read_image_info
-from covid_xray.io import PipelineError, write_csv
+from covid_xray.io import PipelineError, sha256_file, write_csv
 from covid_xray.params import CopyParams
 
 log = logging.getLogger("covid_xray.datasets")
 
 TRAINING_SETS: tuple[str, ...] = MODEL_NAMES
 EVALUATION_SETS: tuple[str, ...] = ("heldout", "kermany_test")
+EXTERNAL_LABELS: tuple[str, ...] = ("covid", "normal", "pneumonia")
+"""Class subfolders read from an external set (``validate.external.<name>``)."""
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "set", "label", "patient_id", "sha256", "source",
                                      "width", "height", "format")
 SKIPPED_COLUMNS: tuple[str, ...] = ("source", "reason")
@@ -403,3 +405,35 @@ def _report(manifest: pd.DataFrame, skipped: list[Skip], links: Counter[str],
         "hash_overlap": 0,  # check_disjoint raised otherwise
         "patient_overlap_with_training": overlap,
     }
+
+
+def external_files(name: str, folder: str, root: Path) -> pd.DataFrame:
+    """Files of one external set (``path``, ``label``, ``sha256``) from its class subfolders.
+
+    ``path`` is absolute; ``folder`` is relative to ``root`` unless absolute. Featurize caches the
+    images' features and validate scores them: both list the set with this function.
+    """
+    location = Path(folder).expanduser()
+    location = location if location.is_absolute() else root / location
+    if not location.is_dir():
+        raise PipelineError(f"params.yaml `validate.external.{name}`: folder {folder!r} not found "
+                            f"({location}); create it with covid/, normal/ or pneumonia/ "
+                            f"subfolders of images, or remove the entry")
+    ignored = sorted(p.name for p in location.iterdir()
+                     if p.is_dir() and p.name not in EXTERNAL_LABELS)
+    if ignored:
+        log.warning("validate.external.%s: ignoring subfolder(s) %s of %s (only %s are read)",
+                    name, ", ".join(ignored), location, "/".join(EXTERNAL_LABELS))
+    rows = [(str(path), label, sha256_file(path))
+            for label in EXTERNAL_LABELS if (location / label).is_dir()
+            for path in sorted((location / label).rglob("*"))
+            if path.is_file() and not path.name.startswith(".")]
+    if not rows:
+        raise PipelineError(f"params.yaml `validate.external.{name}`: {location} has no images "
+                            f"in covid/, normal/ or pneumonia/ subfolders")
+    return pd.DataFrame(rows, columns=["path", "label", "sha256"])
+
+
+def external_sets(external: dict[str, str], root: Path) -> dict[str, pd.DataFrame]:
+    """Every ``validate.external`` set listed (fails on the first missing or empty folder)."""
+    return {name: external_files(name, folder, root) for name, folder in external.items()}

@@ -5,10 +5,10 @@ habit. Metrics count COVID as the positive class: sensitivity = COVID recall, sp
 of the negative class. The test splits are tiny (tens of images), so each metric comes with a
 stratified bootstrap 95% interval: read the interval, not the point.
 
-Scores on the test split and on the held-out sets come from the saved model's head applied to the
-cached backbone features (the full model is exactly backbone then head, and the backbone weights
-are the ones the features came from: see tests/test_training.py). External folders are not
-featurized: their images go through the full saved model, decoded by the shared imaging code.
+Scores come from ``data/predictions/<model>/`` (:mod:`covid_xray.scores`): the saved head on the
+cached backbone features of every image (test split, held-out sets, external sets), which is the
+saved full model's output on the decoded image (tests/test_training.py checks that). So neither
+stage imports TensorFlow; validate only decodes the few images it draws Grad-CAM overlays on.
 """
 
 from __future__ import annotations
@@ -22,25 +22,22 @@ from typing import Any
 import cv2
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
-from sklearn.metrics import classification_report, roc_curve
-from tqdm import tqdm
 
-from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths
-from covid_xray.features import FeatureStore, read_manifest
-from covid_xray.gradcam import gradcam_heatmap, overlay
-from covid_xray.imaging import ImageDecodeError, load_image, resize_square, to_model_input
+from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths, class_names
+from covid_xray.datasets import EXTERNAL_LABELS, external_sets
+from covid_xray.gradcam import heatmap_from_cam, overlay
+from covid_xray.imaging import ImageDecodeError, load_image, resize_square
 from covid_xray.io import PipelineError, atomic_dir, write_csv, write_json, write_text
-from covid_xray.modeling import Classifier
+from covid_xray.model_info import ModelInfo, info_path, read_model_info
 from covid_xray.params import Params
-from covid_xray.training import class_names, covid_labels, head_scores, read_split, split_rows
+from covid_xray.scores import Predictions, covid_labels
+from covid_xray.splitting import read_manifest, read_split
 
 log = logging.getLogger("covid_xray.evaluation")
 
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "precision", "f1",
                                  "roc_auc")
 HELDOUT_SETS: tuple[str, ...] = ("heldout", "kermany_test")
-EXTERNAL_LABELS: tuple[str, ...] = ("covid", "normal", "pneumonia")
 SMALL_SAMPLE_NOTE = (
     "Test and held-out sets are small (see n_*): one image moves a metric by several points. "
     "Intervals are stratified bootstrap 95% percentile intervals over images (not patients), "
@@ -51,6 +48,29 @@ SMALL_SAMPLE_NOTE = (
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks (1-based) along the last axis of a ``(B, n)`` array, ties sharing their average rank.
+
+    ``scipy.stats.rankdata(values, axis=1)`` in plain NumPy: importing scipy.stats costs about a
+    second per stage process, more than all the bootstrap arithmetic here.
+    """
+    values = np.asarray(values)
+    n = values.shape[-1]
+    order = np.argsort(values, axis=-1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=-1)
+    position = np.broadcast_to(np.arange(n), values.shape)
+    starts = np.ones(values.shape, dtype=bool)
+    starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    ends = np.ones(values.shape, dtype=bool)
+    ends[..., :-1] = starts[..., 1:]
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=-1)
+    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, position, n), axis=-1), axis=-1),
+                   axis=-1)
+    ranks = np.empty(values.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=-1)
+    return ranks
 
 
 def _metric_arrays(is_covid: np.ndarray, scores: np.ndarray, threshold: float
@@ -68,7 +88,7 @@ def _metric_arrays(is_covid: np.ndarray, scores: np.ndarray, threshold: float
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(den > 0, num / np.maximum(den, 1), np.nan)
 
-    ranks = rankdata(scores, axis=1)  # average ranks for ties: the Mann-Whitney AUC
+    ranks = average_ranks(scores)  # average ranks for ties: the Mann-Whitney AUC
     rank_sum = np.where(y, ranks, 0.0).sum(axis=1)
     auc = ratio(rank_sum - n_pos * (n_pos + 1) / 2.0, n_pos * n_neg)
     return {
@@ -176,23 +196,71 @@ def confusion_rows(is_covid: np.ndarray, scores: np.ndarray, threshold: float,
                                                                        strict=True)]
 
 
+def roc_points(is_covid: np.ndarray, scores: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` at every distinct score, highest first, from (0, 0) at ``inf``:
+    what ``sklearn.metrics.roc_curve(..., drop_intermediate=False)`` returns (tested against it),
+    without importing sklearn in this stage."""
+    y = np.asarray(is_covid, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    ordered, y = scores[order], y[order]
+    last_of_value = np.r_[np.flatnonzero(np.diff(ordered)), len(ordered) - 1]
+    tps = np.cumsum(y)[last_of_value]
+    fps = last_of_value + 1 - tps
+    return (np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]],
+            np.r_[np.inf, ordered[last_of_value]])
+
+
 def roc_rows(is_covid: np.ndarray, scores: np.ndarray) -> list[tuple[float, float, float]]:
-    """``(fpr, tpr, threshold)`` points; sklearn's leading ``inf`` threshold is written as 1."""
+    """``(fpr, tpr, threshold)`` points; the leading ``inf`` threshold is written as 1."""
     if len(set(np.asarray(is_covid).tolist())) < 2:
         return []
-    fpr, tpr, thresholds = roc_curve(is_covid, scores, drop_intermediate=False)
+    fpr, tpr, thresholds = roc_points(is_covid, scores)
     return [(round(float(f), 6), round(float(t), 6), round(float(min(th, 1.0)), 6))
             for f, t, th in zip(fpr, tpr, thresholds, strict=True)]
 
 
+def classification_table(actual: Sequence[str], predicted: Sequence[str],
+                         labels: Sequence[str], digits: int = 4) -> str:
+    """Per-class precision / recall / F1 / support with accuracy and averages, laid out as
+    ``sklearn.metrics.classification_report(..., zero_division=0)`` prints it (tested against
+    it), without importing sklearn in this stage."""
+    actual_a, predicted_a = np.asarray(actual, dtype=object), np.asarray(predicted, dtype=object)
+    rows: list[tuple[str, float, float, float, int]] = []
+    for label in labels:
+        tp = int(((predicted_a == label) & (actual_a == label)).sum())
+        flagged, support = int((predicted_a == label).sum()), int((actual_a == label).sum())
+        precision = tp / flagged if flagged else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append((label, precision, recall, f1, support))
+    total = sum(r[4] for r in rows)
+    width = max(len("weighted avg"), *(len(label) for label in labels), digits)
+    head = f"{'':>{width}} " + "".join(f" {h:>9}" for h in ("precision", "recall", "f1-score",
+                                                            "support"))
+    lines = [head, ""]
+    lines += [f"{label:>{width}} " + "".join(f" {v:>9.{digits}f}" for v in (p, r, f))
+              + f" {support:>9}" for label, p, r, f, support in rows]
+    accuracy = float((actual_a == predicted_a).mean()) if len(actual_a) else 0.0
+    lines += ["", f"{'accuracy':>{width}} " + f" {'':>9} {'':>9} {accuracy:>9.{digits}f} "
+              f"{total:>9}"]
+    table = np.array([r[1:4] for r in rows], dtype=np.float64)
+    supports = np.array([r[4] for r in rows], dtype=np.float64)
+    for name, weights in (("macro avg", None), ("weighted avg", supports if total else None)):
+        means = np.average(table, axis=0, weights=weights)  # as sklearn averages (same rounding)
+        lines.append(f"{name:>{width}} " + "".join(f" {v:>9.{digits}f}" for v in means)
+                     + f" {total:>9}")
+    return "\n".join(lines) + "\n"
+
+
 def report_text(model_name: str, is_covid: np.ndarray, scores: np.ndarray,
                 threshold: float, metrics: dict[str, Any]) -> str:
-    """sklearn's classification report at the stored threshold, with the CIs and the caveat."""
+    """The classification report at the stored threshold, with the CIs and the caveat."""
     negative = NEGATIVE_CLASS[model_name]
     actual = [POSITIVE_CLASS if y else negative for y in is_covid]
     predicted = [POSITIVE_CLASS if s >= threshold else negative for s in scores]
-    table = classification_report(actual, predicted, labels=[POSITIVE_CLASS, negative],
-                                  digits=4, zero_division=0)
+    table = classification_table(actual, predicted, [POSITIVE_CLASS, negative], digits=4)
     lines = [f"{model_name}: test split, threshold {threshold:.4f} (COVID if score >= threshold)",
              f"images: {metrics['n']} ({metrics['n_covid']} covid, {metrics['n_negative']} "
              f"{negative})", "", table, "95% bootstrap intervals:"]
@@ -218,52 +286,69 @@ class ScoredSet:
     scores: np.ndarray
 
 
-def load_classifier(paths: Paths, model_name: str) -> Classifier:
-    """The saved model with its sidecar (threshold, class order)."""
-    classifier = Classifier.load(paths.model_file(model_name))
-    if classifier.info.class_names != class_names(model_name):
-        raise PipelineError(f"{classifier.path}: class order {classifier.info.class_names} is "
-                            f"not {class_names(model_name)}; retrain with `dvc repro`")
-    return classifier
+@dataclass
+class TrainedModel:
+    """What evaluate and validate need of a trained model: its sidecar and its predictions."""
+
+    name: str
+    info: ModelInfo
+    predictions: Predictions
+
+    @property
+    def threshold(self) -> float:
+        return float(self.info.threshold)
 
 
-def score_split(classifier: Classifier, store: FeatureStore, split: pd.DataFrame,
-                name: str = "test") -> ScoredSet:
-    """Scores of one split's original images: the saved head on the cached features."""
-    rows = split_rows(store, split, name)
-    by_sha = split.drop_duplicates("sha256").set_index("sha256")["path"]
-    scores = head_scores(classifier.model.get_layer("head"), store, rows.rows)
-    return ScoredSet(paths=by_sha.loc[rows.sha256].tolist(), is_covid=rows.is_covid,
-                     scores=scores)
+def load_trained(paths: Paths, model_name: str) -> TrainedModel:
+    """The sidecar (threshold, class order) and stored predictions of one trained model."""
+    sidecar = info_path(paths.model_file(model_name))
+    info = read_model_info(sidecar)
+    if info.class_names != class_names(model_name):
+        raise PipelineError(f"{sidecar}: class order {info.class_names} is not "
+                            f"{class_names(model_name)}; retrain with `dvc repro`")
+    predictions = Predictions.open(paths.predictions_dir(model_name), model_name)
+    return TrainedModel(name=model_name, info=info, predictions=predictions)
 
 
-def evaluate_model(paths: Paths, params: Params, model_name: str, store: FeatureStore,
-                   ) -> tuple[dict[str, Any], ScoredSet, Classifier]:
+def score_split(model: TrainedModel, split: pd.DataFrame, name: str = "test") -> ScoredSet:
+    """Stored scores of one split's images (in split-file order)."""
+    part = split[split["split"] == name].drop_duplicates("sha256")
+    where = model.predictions.positions(part["sha256"].tolist())
+    if (where < 0).any():
+        example = part["path"].to_numpy()[where < 0][0]
+        raise PipelineError(f"{model.predictions.folder}: no prediction for "
+                            f"{int((where < 0).sum())} image(s) of the {name} split (e.g. "
+                            f"{example}); the predictions and the split disagree: re-run "
+                            "`dvc repro`")
+    return ScoredSet(paths=part["path"].tolist(), is_covid=covid_labels(part["label"]),
+                     scores=model.predictions.scores_at(where))
+
+
+def evaluate_model(paths: Paths, params: Params, model_name: str
+                   ) -> tuple[dict[str, Any], ScoredSet]:
     """Test-split metrics (with CIs) of one model at its stored threshold."""
-    classifier = load_classifier(paths, model_name)
+    model = load_trained(paths, model_name)
     split = read_split(paths.split_file(model_name), model_name)
-    scored = score_split(classifier, store, split, "test")
+    scored = score_split(model, split, "test")
     if len(scored.scores) == 0:
         raise PipelineError(f"{paths.split_file(model_name)}: no rows with split == test; "
                             "check split.test_size")
-    threshold = classifier.info.threshold
+    threshold = model.threshold
     metrics = metrics_with_ci(scored.is_covid, scored.scores, threshold,
                               params.validate.bootstrap, params.seed)
     metrics.update({"threshold": threshold,
-                    "threshold_rule": classifier.info.params.get("threshold", {}).get("rule"),
+                    "threshold_rule": model.info.params.get("threshold", {}).get("rule"),
                     "n_test": metrics["n"], "bootstrap_resamples": params.validate.bootstrap})
-    return metrics, scored, classifier
+    return metrics, scored
 
 
 def evaluate(paths: Paths, params: Params) -> dict[str, Any]:
     """The evaluate stage: metrics/evaluate.json, plots/evaluate/, reports/evaluate/."""
-    store = FeatureStore.open(paths.features)
-    store.check_matches(params)
     results: dict[str, Any] = {}
     plots: dict[str, tuple[list[Any], list[Any]]] = {}
     reports: dict[str, str] = {}
     for model_name in MODEL_NAMES:
-        metrics, scored, _ = evaluate_model(paths, params, model_name, store)
+        metrics, scored = evaluate_model(paths, params, model_name)
         threshold = metrics["threshold"]
         results[model_name] = metrics
         plots[model_name] = (confusion_rows(scored.is_covid, scored.scores, threshold,
@@ -293,96 +378,16 @@ def heldout_groups(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
             for (set_name, label), rows in part.groupby(["set", "label"], sort=True)}
 
 
-def external_files(name: str, folder: str, root: Path) -> pd.DataFrame:
-    """Files of one external set (``path``, ``label``) from its class subfolders."""
-    location = Path(folder).expanduser()
-    location = location if location.is_absolute() else root / location
-    if not location.is_dir():
-        raise PipelineError(f"params.yaml `validate.external.{name}`: folder {folder!r} not found "
-                            f"({location}); create it with covid/, normal/ or pneumonia/ "
-                            f"subfolders of images, or remove the entry")
-    ignored = sorted(p.name for p in location.iterdir()
-                     if p.is_dir() and p.name not in EXTERNAL_LABELS)
-    if ignored:
-        log.warning("validate.external.%s: ignoring subfolder(s) %s of %s (only %s are read)",
-                    name, ", ".join(ignored), location, "/".join(EXTERNAL_LABELS))
-    rows = [(str(path), label) for label in EXTERNAL_LABELS if (location / label).is_dir()
-            for path in sorted((location / label).rglob("*"))
-            if path.is_file() and not path.name.startswith(".")]
-    if not rows:
-        raise PipelineError(f"params.yaml `validate.external.{name}`: {location} has no images "
-                            f"in covid/, normal/ or pneumonia/ subfolders")
-    return pd.DataFrame(rows, columns=["path", "label"])
-
-
-def same_backbone(classifiers: Sequence[Classifier]) -> bool:
-    """True when all models share identical backbone weights (then one forward pass serves all)."""
-    first = classifiers[0].model.get_layer("backbone").get_weights()
-    for other in classifiers[1:]:
-        weights = other.model.get_layer("backbone").get_weights()
-        if len(weights) != len(first) or not all(
-                a.shape == b.shape and np.array_equal(a, b)
-                for a, b in zip(first, weights, strict=True)):
-            return False
-    return True
-
-
-ScoredFiles = tuple[dict[str, np.ndarray], list[int], list[dict[str, str]]]
-
-
-def score_files(classifiers: dict[str, Classifier], files: Sequence[str], batch_size: int = 16,
-                desc: str = "score") -> ScoredFiles:
-    """Full-model COVID scores of image files for every model, decoding each file once.
-
-    Returns ``(scores per model, indices of the scored files, skipped files with reasons)``.
-    When the models' backbones are identical (the pipeline's case) the backbone runs once per
-    image and each head on its output: the same computation as each full model.
-    """
-    models = list(classifiers.values())
-    sizes = {c.info.img_size for c in models}
-    if len(sizes) != 1:
-        raise PipelineError(f"models disagree on img_size ({sorted(sizes)}); retrain both")
-    size = sizes.pop()
-    shared = same_backbone(models)
-    scores: dict[str, list[np.ndarray]] = {name: [] for name in classifiers}
-    kept: list[int] = []
-    skipped: list[dict[str, str]] = []
-    for start in tqdm(range(0, len(files), batch_size), desc=desc, unit="batch",
-                      mininterval=2.0):
-        batch, batch_kept = [], []
-        for i in range(start, min(start + batch_size, len(files))):
-            try:
-                batch.append(to_model_input(resize_square(load_image(files[i]), size)))
-            except (ImageDecodeError, OSError) as exc:
-                skipped.append({"path": str(files[i]), "reason": str(exc)})
-                continue
-            batch_kept.append(i)
-        if not batch:
-            continue
-        images = np.stack(batch)
-        if shared:
-            features = models[0].model.get_layer("backbone")(images, training=False)
-            for name, c in classifiers.items():
-                probs = np.asarray(c.model.get_layer("head")(features, training=False))
-                scores[name].append(probs[:, c.info.positive_index].astype(np.float64))
-        else:
-            for name, c in classifiers.items():
-                scores[name].append(c.covid_scores(images))
-        kept.extend(batch_kept)
-    return ({name: np.concatenate(parts) if parts else np.zeros(0)
-             for name, parts in scores.items()}, kept, skipped)
-
-
-def gradcam_image(classifier: Classifier, image_path: Path, score: float) -> np.ndarray:
-    """Grad-CAM overlay (RGB uint8) with the score and verdict written in the corner."""
-    rgb = resize_square(load_image(image_path), classifier.info.img_size)
-    heatmap = gradcam_heatmap(classifier, to_model_input(rgb))
-    canvas = overlay(rgb, heatmap)
+def gradcam_image(image_path: Path, cam: np.ndarray, img_size: int, score: float,
+                  threshold: float) -> np.ndarray:
+    """Grad-CAM overlay (RGB uint8) of a stored map, with the score and verdict in the corner."""
+    rgb = resize_square(load_image(image_path), img_size)
+    canvas = overlay(rgb, heatmap_from_cam(cam, img_size))
     scale = max(1, canvas.shape[0] // 128)
     if canvas.shape[0] < 160:
         canvas = cv2.resize(canvas, (160, 160), interpolation=cv2.INTER_NEAREST)
         scale = 1
-    verdict = "COVID" if classifier.is_positive(score) else "neg."
+    verdict = "COVID" if score >= threshold else "neg."
     cv2.putText(canvas, f"{verdict} {score:.2f}", (4, 14 * scale), cv2.FONT_HERSHEY_SIMPLEX,
                 0.45 * scale, (255, 255, 255), max(1, scale), cv2.LINE_AA)
     return canvas
@@ -424,94 +429,96 @@ def _safe_name(text: str) -> str:
     return keep[:80] or "image"
 
 
+def scored_sets(paths: Paths, manifest: pd.DataFrame,
+                externals: dict[str, pd.DataFrame]) -> dict[str, tuple[str, pd.DataFrame]]:
+    """``{set key: (kind, rows with path/label/sha256)}`` of every set validate scores.
+
+    Kinds: ``heldout`` (held-out and Kermany test folders) or ``external:<name>``. Paths are made
+    absolute (external ones already are), sorted for a stable order.
+    """
+    out: dict[str, tuple[str, pd.DataFrame]] = {}
+    for key, rows in heldout_groups(manifest).items():
+        rows = rows[["path", "label", "sha256"]].copy()
+        rows["path"] = [str(paths.datasets / p) for p in rows["path"]]
+        out[key] = ("heldout", rows.reset_index(drop=True))
+    for name, files in externals.items():
+        for label in EXTERNAL_LABELS:
+            rows = files[files["label"] == label]
+            if len(rows):
+                out[f"external_{name}_{label}"] = (f"external:{name}",
+                                                   rows.sort_values("path").reset_index(drop=True))
+    return out
+
+
+def _union_metrics(pooled: dict[str, tuple[list[np.ndarray], list[np.ndarray]]], kind: str,
+                   threshold: float, resamples: int, seed: int) -> dict[str, Any]:
+    """Metrics with CIs on the union of one kind's sets (labels, scores collected per set)."""
+    ys, ss = pooled.get(kind, ([], []))
+    y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
+    v = np.concatenate(ss) if ss else np.zeros(0)
+    return metrics_with_ci(y, v, threshold, resamples, seed)
+
+
 def validate(paths: Paths, params: Params) -> dict[str, Any]:
     """The validate stage: held-out + external sets per model -> metrics/validate.json, plots.
 
     Per model: per set (held-out COVID/NORMAL/PNEUMONIA, Kermany test NORMAL/PNEUMONIA, each
     external set's classes) images, flagged positive, mean/median COVID score; metrics with CIs
     on the union of the held-out sets of the model's two classes, per external set, and on the
-    internal test split side by side; score-distribution plot data; Grad-CAM overlays of the
-    first ``validate.gradcam_images`` images (by path) of every set of the model's two classes.
+    internal test split side by side; score-distribution plot data; Grad-CAM overlays (maps stored
+    by train) of the first ``validate.gradcam_images`` images (by path) of every set of the
+    model's two classes. Images without a prediction (undecodable at featurize) are listed in
+    ``reports/validate/skipped.csv``.
     """
-    externals = {name: external_files(name, folder, paths.root)
-                 for name, folder in params.validate.external.items()}  # fail before any work
-    store = FeatureStore.open(paths.features)
-    store.check_matches(params)
-    manifest = read_manifest(paths.manifest)
-    groups = heldout_groups(manifest)
-    classifiers = {name: load_classifier(paths, name) for name in MODEL_NAMES}
+    externals = external_sets(params.validate.external, paths.root)  # fail before any work
+    models = {name: load_trained(paths, name) for name in MODEL_NAMES}
+    sets_to_score = scored_sets(paths, read_manifest(paths.manifest), externals)
     resamples, seed = params.validate.bootstrap, params.seed
 
-    external_scores: dict[str, tuple[pd.DataFrame, dict[str, np.ndarray]]] = {}
     skipped: list[dict[str, str]] = []
-    for name, files in externals.items():
-        scores, kept, bad = score_files(classifiers, files["path"].tolist(), desc=name)
-        external_scores[name] = (files.iloc[kept].reset_index(drop=True), scores)
-        skipped.extend({"set": f"external_{name}", **item} for item in bad)
+    first = next(iter(models.values()))
+    for key, (_, rows) in sets_to_score.items():
+        missing = first.predictions.positions(rows["sha256"].tolist()) < 0
+        skipped.extend({"set": key, "path": path, "reason": "no cached features (undecodable "
+                        "at featurize)"} for path in rows.loc[missing, "path"])
 
     results: dict[str, Any] = {}
     score_rows: dict[str, list[tuple[str, str, float]]] = {}
-    gradcam_jobs: dict[str, list[tuple[str, Path, float]]] = {}
-    for model_name, classifier in classifiers.items():
-        threshold = classifier.info.threshold
+    gradcam_jobs: dict[str, list[tuple[str, Path, np.ndarray, float]]] = {}
+    for model_name, model in models.items():
+        threshold = model.threshold
         relevant = set(class_names(model_name))
-        head = classifier.model.get_layer("head")
         rows_out: list[tuple[str, str, float]] = []
-        jobs: list[tuple[str, Path, float]] = []
+        jobs: list[tuple[str, Path, np.ndarray, float]] = []
         sets: dict[str, Any] = {}
-        union_y: list[np.ndarray] = []
-        union_s: list[np.ndarray] = []
-        for key, group in groups.items():
-            present = group[group["sha256"].isin(store.index["sha256"])]
-            for path in group.loc[~group.index.isin(present.index), "path"]:
-                if not any(s["path"] == path for s in skipped):
-                    skipped.append({"set": key, "path": path, "reason": "no cached features "
-                                    "(undecodable at featurize)"})
-            rows, owner = store.rows(present["sha256"].tolist(), what=f"{key} images")
-            scores = head_scores(head, store, rows)
-            labels = present["label"].to_numpy()[owner]
-            image_paths = present["path"].to_numpy()[owner]
+        pooled: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        for key, (kind, rows) in sets_to_score.items():
+            where = model.predictions.positions(rows["sha256"].tolist())
+            present, where = rows[where >= 0], where[where >= 0]
+            scores = model.predictions.scores_at(where)
+            labels = present["label"].to_numpy()
             sets[key] = score_summary(scores, threshold)
-            rows_out.extend((key, label, round(float(s), 6))
-                            for label, s in zip(labels, scores, strict=True))
+            rows_out.extend((key, label, round(float(v), 6))
+                            for label, v in zip(labels, scores, strict=True))
             if labels.size and labels[0] in relevant:
-                union_y.append(covid_labels(labels))
-                union_s.append(scores)
-                order = np.argsort(image_paths, kind="stable")[:params.validate.gradcam_images]
-                jobs.extend((key, paths.datasets / image_paths[i], float(scores[i]))
-                            for i in order)
-        y = np.concatenate(union_y) if union_y else np.zeros(0, dtype=np.int64)
-        s = np.concatenate(union_s) if union_s else np.zeros(0)
-        heldout_metrics = metrics_with_ci(y, s, threshold, resamples, seed)
-
-        external_metrics: dict[str, Any] = {}
-        for name, (files, scores_by_model) in external_scores.items():
-            scores = scores_by_model[model_name]
-            labels = files["label"].to_numpy()
-            for label in EXTERNAL_LABELS:
-                mask = labels == label
-                if mask.any():
-                    key = f"external_{name}_{label}"
-                    sets[key] = score_summary(scores[mask], threshold)
-                    rows_out.extend((key, label, round(float(v), 6)) for v in scores[mask])
-                    if label in relevant:
-                        picked = np.flatnonzero(mask)[:params.validate.gradcam_images]
-                        jobs.extend((key, Path(files["path"].iloc[i]), float(scores[i]))
-                                    for i in picked)
-            mask = np.isin(labels, list(relevant))
-            external_metrics[name] = metrics_with_ci(covid_labels(labels[mask]), scores[mask],
-                                                     threshold, resamples, seed)
+                ys, ss = pooled.setdefault(kind, ([], []))
+                ys.append(covid_labels(labels))
+                ss.append(scores)
+                jobs.extend((key, Path(present["path"].iloc[i]),
+                             model.predictions.cams[where[i]], float(scores[i]))
+                            for i in range(min(params.validate.gradcam_images, len(present))))
 
         split = read_split(paths.split_file(model_name), model_name)
-        test = score_split(classifier, store, split, "test")
+        test = score_split(model, split, "test")
         rows_out.extend(("test", POSITIVE_CLASS if yy else NEGATIVE_CLASS[model_name],
                          round(float(v), 6)) for yy, v in zip(test.is_covid, test.scores,
                                                               strict=True))
         results[model_name] = {
             "threshold": threshold,
             "sets": sets,
-            "heldout": heldout_metrics,
-            "external": external_metrics,
+            "heldout": _union_metrics(pooled, "heldout", threshold, resamples, seed),
+            "external": {name: _union_metrics(pooled, f"external:{name}", threshold, resamples,
+                                              seed) for name in externals},
             "test": metrics_with_ci(test.is_covid, test.scores, threshold, resamples, seed),
         }
         score_rows[model_name] = rows_out
@@ -525,10 +532,10 @@ def validate(paths: Paths, params: Params) -> dict[str, Any]:
         for model_name, jobs in gradcam_jobs.items():
             target = folder / model_name
             target.mkdir()
-            for key, image_path, score in tqdm(jobs, desc=f"grad-cam {model_name}",
-                                               unit="img", mininterval=2.0):
+            info = models[model_name].info
+            for key, image_path, cam, score in jobs:
                 try:
-                    picture = gradcam_image(classifiers[model_name], image_path, score)
+                    picture = gradcam_image(image_path, cam, info.img_size, score, info.threshold)
                 except (ImageDecodeError, OSError) as exc:
                     log.warning("grad-cam skipped %s: %s", image_path, exc)
                     continue

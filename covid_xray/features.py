@@ -4,7 +4,9 @@ The backbone is frozen, so its output for a given image never changes while the 
 The seed pushed every image through VGG16 again in every epoch (and held all images in memory as
 float64); here each unique image (by content hash: the COVID images are shared by both models) goes
 through the backbone once, plus ``featurize.augment_copies`` rotated copies of each training-set
-image (the seed's rotation augmentation, drawn once instead of per epoch).
+image (the seed's rotation augmentation, drawn once instead of per epoch). The images of the
+``validate.external`` sets are featurized too (originals only), so that train can score every
+image the later stages report on, and evaluate/validate never run the backbone.
 
 Images are streamed from disk in batches into a ``.npy`` memmap, so memory does not grow with the
 number of images. Nothing here depends on head or training params (dropout, learning rate, epochs,
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from covid_xray import splitting
 from covid_xray.config import Paths
+from covid_xray.datasets import external_sets
 from covid_xray.imaging import ImageDecodeError, prepare_file
 from covid_xray.io import PipelineError, atomic_dir, read_json, write_csv, write_json
 
@@ -73,6 +76,21 @@ def read_manifest(path: Path) -> pd.DataFrame:
                             f"{len(bad)} row(s), e.g. path {bad['path'].iloc[0]!r}; "
                             "re-run copy_images")
     return manifest
+
+
+def with_external(manifest: pd.DataFrame, externals: dict[str, pd.DataFrame],
+                  images_root: Path) -> pd.DataFrame:
+    """The manifest plus every external set's images (set ``external/<name>``, no rotated copies).
+
+    External paths are stored relative to ``images_root`` (``../raw/external/...`` for the demo's
+    set), so the features' index is the same on every clone.
+    """
+    parts = [manifest[list(MANIFEST_COLUMNS)]]
+    for name, files in externals.items():
+        parts.append(pd.DataFrame({
+            "path": [os.path.relpath(p, images_root) for p in files["path"]],
+            "set": f"external/{name}", "label": files["label"], "sha256": files["sha256"]}))
+    return pd.concat(parts, ignore_index=True)
 
 
 def rotation_angle(sha256: str, copy: int, max_deg: float, seed: int) -> float:
@@ -311,7 +329,9 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
     if jit_compile is None:
         jit_compile = use_xla(params.model.img_size)
     manifest = read_manifest(paths.manifest)
-    plan = plan_rows(manifest, params.featurize.augment_copies, params.train.rotation_deg,
+    externals = external_sets(params.validate.external, paths.root)  # fail before any work
+    plan = plan_rows(with_external(manifest, externals, paths.datasets),
+                     params.featurize.augment_copies, params.train.rotation_deg,
                      params.seed)
     if plan.empty:
         raise PipelineError(f"{paths.manifest}: no images listed; re-run copy_images")
@@ -339,6 +359,7 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
             "rows": len(result.index),
             "rotated_rows": int((result.index["copy"] > 0).sum()),
             "manifest_rows": len(manifest),
+            "external_images": int(sum(len(files) for files in externals.values())),
             "skipped": result.skipped,
         }
         write_json(folder / INFO_FILE, info)
@@ -348,7 +369,7 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
 
 def featurize_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """``metrics/featurize.json``: counts and throughput (numbers only, for ``dvc metrics``)."""
-    keys = ("images", "rows", "rotated_rows", "manifest_rows", *TIMING_KEYS)
+    keys = ("images", "rows", "rotated_rows", "manifest_rows", "external_images", *TIMING_KEYS)
     return {**{key: report[key] for key in keys}, "skipped": len(report["skipped"]),
             "img_size": report["img_size"], "xla": int(report["jit_compile"])}
 

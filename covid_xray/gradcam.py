@@ -1,16 +1,53 @@
 """Grad-CAM (Selvaraju et al. 2017): where in the image the classifier looked.
 
-One implementation, used by the ``validate`` stage (image plots) and the web app (overlay).
-The heatmap is taken on the backbone's last feature map, the input of the ``head`` sub-model.
+One implementation, used by train (maps of every cached image, rendered by the validate stage's
+image plots) and by the web app (overlay). The map is taken on the backbone's last feature map,
+the input of the ``head`` sub-model. TensorFlow is imported only by the functions that need
+gradients, so rendering a stored map (validate) stays TensorFlow-free.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import cv2
 import numpy as np
-import tensorflow as tf
 
-from covid_xray.modeling import Classifier
+if TYPE_CHECKING:
+    from covid_xray.modeling import Classifier
+
+
+def gradcam_maps(head: Any, feature_maps: np.ndarray, class_index: int,
+                 batch_size: int = 128) -> np.ndarray:
+    """Grad-CAM of ``class_index`` for a batch of backbone outputs ``(n, f, f, C)``: ``(n, f, f)``.
+
+    ReLU of the gradient-weighted sum of channels, on the backbone grid, not normalised. A batch
+    is exact: the head treats images independently (inference mode), so the gradient of the summed
+    class scores with respect to each image's map is that image's own gradient.
+    """
+    import tensorflow as tf
+
+    feature_maps = np.asarray(feature_maps, dtype=np.float32)
+    parts = []
+    for start in range(0, len(feature_maps), batch_size):
+        maps = tf.convert_to_tensor(feature_maps[start:start + batch_size])
+        with tf.GradientTape() as tape:
+            tape.watch(maps)
+            score = head(maps, training=False)[:, class_index]
+        grads = tape.gradient(score, maps)
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        parts.append(tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1)).numpy())
+    if not parts:
+        return np.zeros((0, *feature_maps.shape[1:3]), dtype=np.float32)
+    return np.concatenate(parts).astype(np.float32)
+
+
+def heatmap_from_cam(cam: np.ndarray, size: int) -> np.ndarray:
+    """A grid-sized Grad-CAM map upsampled to ``(size, size)`` and scaled to [0, 1]."""
+    heatmap = cv2.resize(np.asarray(cam, dtype=np.float32), (size, size),
+                         interpolation=cv2.INTER_LINEAR)
+    peak = float(heatmap.max())
+    return heatmap / peak if peak > 0 else np.zeros_like(heatmap)
 
 
 def gradcam_heatmap(classifier: Classifier, image01: np.ndarray,
@@ -22,24 +59,13 @@ def gradcam_heatmap(classifier: Classifier, image01: np.ndarray,
     COVID" whatever the verdict. ``feature_map`` (the backbone's output for this image, shape
     ``(1, f, f, C)``) skips a second backbone pass when the caller already has it.
     """
-    backbone = classifier.model.get_layer("backbone")
-    head = classifier.model.get_layer("head")
     index = classifier.info.positive_index if class_index is None else class_index
     if feature_map is None:
-        batch = tf.convert_to_tensor(image01[np.newaxis].astype(np.float32))
-        maps = backbone(batch, training=False)
-    else:
-        maps = tf.convert_to_tensor(np.asarray(feature_map, dtype=np.float32))
-    with tf.GradientTape() as tape:
-        tape.watch(maps)
-        score = head(maps, training=False)[:, index]
-    grads = tape.gradient(score, maps)
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))[0].numpy()
-    size = image01.shape[0]
-    cam = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
-    peak = float(cam.max())
-    return cam / peak if peak > 0 else np.zeros_like(cam)
+        backbone = classifier.model.get_layer("backbone")
+        feature_map = np.asarray(backbone(image01[np.newaxis].astype(np.float32),
+                                          training=False))
+    cam = gradcam_maps(classifier.model.get_layer("head"), feature_map, index)[0]
+    return heatmap_from_cam(cam, image01.shape[0])
 
 
 def overlay(rgb_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:

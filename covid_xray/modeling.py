@@ -17,23 +17,26 @@ backbone and weights, the revision it was trained at, and the out-of-distributio
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from covid_xray.io import PipelineError, atomic_path, write_json
+from covid_xray.model_info import (  # noqa: F401  (re-exported: the saved-model API)
+    FORMAT_VERSION,
+    PREPROCESSING,
+    ModelInfo,
+    ModelLoadError,
+    info_path,
+    read_model_info,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
-
-PREPROCESSING = "decode->RGB->resize(img_size, INTER_AREA when shrinking)->float32/255"
-FORMAT_VERSION = 1
 
 _IMAGENET_FILES = {
     "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -131,6 +134,23 @@ def build_head(feature_shape: tuple[int, int, int], pool_size: int, dense_nodes:
     return keras.Model(inputs, outputs, name="head")
 
 
+def pooled_input_model(head: keras.Model) -> keras.Model:
+    """The head after its weightless pool + flatten, taking pooled rows (``pooled_features``).
+
+    Built from the head's own layer objects, so fitting it trains the head: training then reads
+    small pooled vectors instead of whole feature maps.
+    """
+    layers = [layer for layer in head.layers if not isinstance(layer, keras.layers.InputLayer)]
+    names = [layer.name for layer in layers]
+    if names[:2] != ["pool", "flatten"]:
+        raise ValueError(f"expected a head starting pool -> flatten, got {names}")
+    inputs = keras.Input(shape=tuple(head.get_layer("flatten").output.shape[1:]), name="pooled")
+    x = inputs
+    for layer in layers[2:]:
+        x = layer(x)
+    return keras.Model(inputs, x, name="head_on_pooled")
+
+
 def assemble_classifier(backbone: keras.Model, head: keras.Model, name: str) -> keras.Model:
     """Backbone + head as one model taking float32 RGB in [0, 1]."""
     inputs = keras.Input(shape=backbone.input_shape[1:], name="image")
@@ -139,42 +159,12 @@ def assemble_classifier(backbone: keras.Model, head: keras.Model, name: str) -> 
     return keras.Model(inputs, outputs, name=name)
 
 
-@dataclass
-class ModelInfo:
-    """The sidecar ``<name>.json``: everything needed to use the model correctly."""
-
-    model_name: str
-    class_names: list[str]
-    positive_class: str
-    img_size: int
-    backbone: str
-    weights: str
-    threshold: float = 0.5
-    preprocessing: str = PREPROCESSING
-    format_version: int = FORMAT_VERSION
-    revision: str = "unknown"
-    params: dict[str, Any] = field(default_factory=dict)
-    ood: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def positive_index(self) -> int:
-        return self.class_names.index(self.positive_class)
-
-
-def info_path(model_path: Path | str) -> Path:
-    return Path(model_path).with_suffix(".json")
-
-
 def save_classifier(model: keras.Model, info: ModelInfo, model_path: Path | str) -> None:
     """Write the .keras file and its sidecar atomically."""
     model_path = Path(model_path)
     with atomic_path(model_path, suffix=".keras") as tmp:
         model.save(tmp)
     write_json(info_path(model_path), asdict(info))
-
-
-class ModelLoadError(PipelineError):
-    """A model file is missing, unreadable or incompatible; the message names the file."""
 
 
 @dataclass
@@ -188,19 +178,11 @@ class Classifier:
     @classmethod
     def load(cls, model_path: Path | str) -> Classifier:
         model_path = Path(model_path)
+        if not model_path.is_file():
+            raise ModelLoadError(f"{model_path}: model file not found; run `dvc repro` to "
+                                 "train the models, or point to an existing one")
         sidecar = info_path(model_path)
-        for required in (model_path, sidecar):
-            if not required.is_file():
-                raise ModelLoadError(f"{required}: model file not found; run `dvc repro` to "
-                                     "train the models, or point to an existing one")
-        try:
-            raw = json.loads(sidecar.read_text(encoding="utf-8"))
-            info = ModelInfo(**raw)
-        except (ValueError, TypeError) as exc:
-            raise ModelLoadError(f"{sidecar}: not a covid-xray model info file ({exc})") from exc
-        if info.format_version != FORMAT_VERSION:
-            raise ModelLoadError(f"{sidecar}: format_version {info.format_version}, this "
-                                 f"code reads {FORMAT_VERSION}; retrain with `dvc repro`")
+        info = read_model_info(sidecar)
         try:
             model = keras.models.load_model(model_path, compile=False)
         except Exception as exc:

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
-from covid_xray.config import MODEL_NAMES
+from covid_xray.config import MODEL_NAMES, class_names
 from covid_xray.io import PipelineError, write_csv
 from covid_xray.params import SplitParams
 
@@ -39,6 +38,34 @@ def read_manifest(path: Path, required: Sequence[str] = _MANIFEST_COLUMNS) -> pd
         raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected the "
                             "copy_images manifest (docs/contracts.md). Re-run copy_images.")
     return manifest
+
+
+READ_SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "sha256", "split")
+
+
+def read_split(path: Path, model_name: str) -> pd.DataFrame:
+    """``data/splits/<model>.csv``, checked: contract columns, known labels and split names."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; run the split stage first (`dvc repro split`)")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in READ_SPLIT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} "
+                            f"(expected {', '.join(READ_SPLIT_COLUMNS)}, see docs/contracts.md)")
+    labels = set(class_names(model_name))
+    bad_label = frame[~frame["label"].isin(labels)]
+    if not bad_label.empty:
+        raise PipelineError(f"{path}: column label has {bad_label['label'].iloc[0]!r} (row of "
+                            f"{bad_label['path'].iloc[0]}); {model_name} expects only "
+                            f"{' / '.join(sorted(labels))}")
+    bad_split = frame[~frame["split"].isin(SPLITS)]
+    if not bad_split.empty:
+        raise PipelineError(f"{path}: column split has {bad_split['split'].iloc[0]!r}; "
+                            f"expected one of {', '.join(SPLITS)}")
+    if frame[frame["split"] == "train"]["label"].nunique() < 2:
+        raise PipelineError(f"{path}: the train split needs images of both classes "
+                            f"({' and '.join(sorted(labels))}); check copy_images/split")
+    return frame
 
 
 def _rng(seed: int, purpose: str) -> np.random.Generator:
@@ -110,6 +137,8 @@ def split_grouped(frame: pd.DataFrame, model: str, params: SplitParams,
 
 def split_images(frame: pd.DataFrame, model: str, params: SplitParams, seed: int) -> pd.Series:
     """The seed's split: stratified by label over images (``random_state=seed``), no grouping."""
+    from sklearn.model_selection import train_test_split  # ~2 s import; only this path needs it
+
     needed = 3 if params.val_size > 0 else 2
     for label, part in frame.groupby("label", sort=True):
         if len(part) < needed:

@@ -1,5 +1,5 @@
 """Training one classifier's head on cached backbone features, choosing its operating threshold,
-and saving the complete model (frozen backbone + head) with its sidecar.
+and saving the complete model (frozen backbone + head) with its sidecar and its predictions.
 
 The recipe is the seed's (Adam(``train.init_lr``), binary cross-entropy on the 2-way softmax with
 one-hot labels in class order [covid, <negative>], ``train.epochs``, ``train.batch_size``, rotation
@@ -7,19 +7,21 @@ augmentation) run on features instead of pixels: rotated copies were computed on
 Training rows = the ``train`` split's originals + their rotated copies; the ``test`` split is only
 logged per epoch (never used for any choice); the ``val`` split chooses the threshold.
 
-Batches are read from the features memmap (a ``keras.utils.PyDataset``), so memory does not grow
-with the image count. Seeded (``keras.utils.set_random_seed`` + deterministic ops): the same params
-give identical metrics.
+The head's first two layers (AveragePooling2D + Flatten) have no weights, so their output is
+computed once per row (``modeling.pooled_features``, 12x smaller than the feature maps at 224 px)
+and the layers after them are fitted on it: the same layer objects, so the saved head holds the
+trained weights. Fitting from pooled rows in memory is ~3x faster than streaming feature maps
+(measured: docs in benchmarks/bench_pipeline.py) and the pooled rows were already needed for the
+Normalization statistics and the out-of-distribution fit. Seeded (``keras.utils.set_random_seed``
++ deterministic ops): the same params give identical metrics.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covid_xray.config import NEGATIVE_CLASS, POSITIVE_CLASS, Paths
+from covid_xray.config import POSITIVE_CLASS, Paths, class_names
 from covid_xray.features import FeatureStore
+from covid_xray.gradcam import gradcam_maps
 from covid_xray.io import PipelineError
+from covid_xray.scores import covid_labels, write_predictions
+from covid_xray.splitting import read_split
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -42,53 +47,17 @@ from covid_xray.modeling import (
     build_backbone,
     build_head,
     pooled_features,
+    pooled_input_model,
     save_classifier,
 )
 from covid_xray.params import Params
 
 log = logging.getLogger("covid_xray.training")
 
-SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "sha256", "split")
-SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
-
-
-def class_names(model_name: str) -> list[str]:
-    """The output order of every classifier: [covid, <negative class>]."""
-    if model_name not in NEGATIVE_CLASS:
-        raise PipelineError(f"unknown model {model_name!r}; expected one of "
-                            f"{', '.join(NEGATIVE_CLASS)}")
-    return [POSITIVE_CLASS, NEGATIVE_CLASS[model_name]]
-
-
-def read_split(path: Path, model_name: str) -> pd.DataFrame:
-    """``data/splits/<model>.csv``, checked: contract columns, known labels and split names."""
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found; run the split stage first (`dvc repro split`)")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} "
-                            f"(expected {', '.join(SPLIT_COLUMNS)}, see docs/contracts.md)")
-    labels = set(class_names(model_name))
-    bad_label = frame[~frame["label"].isin(labels)]
-    if not bad_label.empty:
-        raise PipelineError(f"{path}: column label has {bad_label['label'].iloc[0]!r} (row of "
-                            f"{bad_label['path'].iloc[0]}); {model_name} expects only "
-                            f"{' / '.join(sorted(labels))}")
-    bad_split = frame[~frame["split"].isin(SPLIT_NAMES)]
-    if not bad_split.empty:
-        raise PipelineError(f"{path}: column split has {bad_split['split'].iloc[0]!r}; "
-                            f"expected one of {', '.join(SPLIT_NAMES)}")
-    if frame[frame["split"] == "train"]["label"].nunique() < 2:
-        raise PipelineError(f"{path}: the train split needs images of both classes "
-                            f"({' and '.join(sorted(labels))}); check copy_images/split")
-    return frame
-
-
-def covid_labels(labels: Sequence[str] | pd.Series) -> np.ndarray:
-    """1 for COVID, 0 for the negative class (what every metric counts as positive)."""
-    return (np.asarray(labels, dtype=object) == POSITIVE_CLASS).astype(np.int64)
-
+STEPS_PER_EXECUTION = 64
+"""Training steps per compiled call. The head's steps are tiny, so per-step Python overhead
+dominated: 0.27 s per epoch at 1, 0.10 s at 64 (444 rows, batch 8, this 2-core machine). The
+same steps run in the same order, so results do not change."""
 
 def one_hot(is_covid: np.ndarray) -> np.ndarray:
     """Seed-style one-hot targets in class order [covid, negative]."""
@@ -115,35 +84,6 @@ def split_rows(store: FeatureStore, split: pd.DataFrame, name: str,
                              what=f"{name}-split images")
     return SplitRows(rows=rows, is_covid=covid_labels(part["label"].to_numpy()[owner]),
                      sha256=part["sha256"].to_numpy()[owner])
-
-
-class FeatureBatches(keras.utils.PyDataset):
-    """Batches of cached feature maps read from the memmap, reshuffled each epoch from a seed."""
-
-    def __init__(self, store: FeatureStore, rows: SplitRows, batch_size: int,
-                 shuffle: bool, seed: int = 0) -> None:
-        super().__init__(workers=1, use_multiprocessing=False)
-        self.store = store
-        self.rows = rows.rows
-        self.targets = one_hot(rows.is_covid)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.rng = np.random.default_rng(seed)
-        self.order = self._new_order()
-
-    def _new_order(self) -> np.ndarray:
-        n = len(self.rows)
-        return self.rng.permutation(n) if self.shuffle else np.arange(n)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        picked = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        return self.store.take(self.rows[picked]), self.targets[picked]
-
-    def on_epoch_end(self) -> None:
-        self.order = self._new_order()
 
 
 def pooled_rows(store: FeatureStore, rows: np.ndarray, pool_size: int,
@@ -279,11 +219,41 @@ class TrainResult:
     seconds: dict[str, float]
 
 
+def feature_batches(pooled: np.ndarray, is_covid: np.ndarray, batch_size: int,
+                    shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Pooled rows + one-hot targets as batches; reshuffled every epoch from ``shuffle_seed``."""
+    data = tf.data.Dataset.from_tensor_slices((pooled, one_hot(is_covid)))
+    if shuffle_seed is not None:
+        data = data.shuffle(len(pooled), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return data.batch(batch_size)
+
+
+def predict_cache(head: keras.Model, store: FeatureStore, positive_index: int,
+                  chunk: int = 256) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Scores and Grad-CAM maps of the head for every original (un-rotated) cached image.
+
+    Returns ``(index rows, scores, cams)`` in feature-row order; read in chunks, so memory stays
+    bounded by ``chunk`` feature maps.
+    """
+    originals = store.index[store.index["copy"] == 0].sort_values("row")
+    rows = originals["row"].to_numpy(dtype=np.int64)
+    scores = np.empty(len(rows), dtype=np.float64)
+    cams = np.empty((len(rows), *store.feature_shape[:2]), dtype=np.float32)
+    for start in range(0, len(rows), chunk):
+        maps = store.take(rows[start:start + chunk])
+        probs = np.asarray(head(maps, training=False))
+        scores[start:start + len(maps)] = probs[:, positive_index]
+        cams[start:start + len(maps)] = gradcam_maps(head, maps, positive_index)
+    return originals, scores, cams
+
+
 def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2) -> TrainResult:
     """The train stage for one model: fit the head, choose the threshold, save the classifier.
 
     dvclive logs loss/accuracy per epoch (``train/*`` on the training rows, ``eval/*`` on the test
-    split's originals) to ``metrics/train/<model>/``; the summary also holds the threshold.
+    split's originals) to ``metrics/train/<model>/``; the summary also holds the threshold. The
+    head's scores and Grad-CAM maps for every cached original image go to
+    ``data/predictions/<model>/`` (:mod:`covid_xray.scores`).
     """
     from dvclive import Live
     from dvclive.keras import DVCLiveCallback
@@ -294,31 +264,40 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
     train = split_rows(store, split, "train", with_copies=True)
     val = split_rows(store, split, "val")
     test = split_rows(store, split, "test")
+    names = class_names(model_name)
+    positive_index = names.index(POSITIVE_CLASS)
 
-    pooled = pooled_rows(store, train.rows, params.model.pool_size)
+    pool_size = params.model.pool_size
+    pooled = pooled_rows(store, train.rows, pool_size)
     mean = pooled.astype(np.float64).mean(axis=0)
     variance = pooled.astype(np.float64).var(axis=0)
 
     keras.utils.set_random_seed(params.train.seed)
     tf.config.experimental.enable_op_determinism()
-    head = build_head(store.feature_shape, params.model.pool_size, params.model.dense_nodes,
+    head = build_head(store.feature_shape, pool_size, params.model.dense_nodes,
                       params.train.dropout, mean=mean, variance=variance)
-    head.compile(optimizer=keras.optimizers.Adam(learning_rate=params.train.init_lr),
-                 loss="binary_crossentropy", metrics=["accuracy"])
-    train_batches = FeatureBatches(store, train, params.train.batch_size, shuffle=True,
-                                   seed=params.train.seed)
-    test_batches = (FeatureBatches(store, test, max(params.train.batch_size, 64), shuffle=False)
-                    if len(test) else None)
+    trainable = pooled_input_model(head)
+    trainable.compile(optimizer=keras.optimizers.Adam(learning_rate=params.train.init_lr),
+                      loss="binary_crossentropy", metrics=["accuracy"],
+                      steps_per_execution=STEPS_PER_EXECUTION)
+    train_batches = feature_batches(pooled, train.is_covid, params.train.batch_size,
+                                    shuffle_seed=params.train.seed)
+    test_batches = (feature_batches(pooled_rows(store, test.rows, pool_size), test.is_covid,
+                                    max(params.train.batch_size, 64)) if len(test) else None)
 
     seconds: dict[str, float] = {}
     with Live(str(paths.metrics / "train" / model_name), dvcyaml=False, save_dvc_exp=False,
               report=None) as live:
         started = time.perf_counter()
-        history = head.fit(train_batches, epochs=params.train.epochs,
-                           validation_data=test_batches, verbose=verbose,
-                           callbacks=[DVCLiveCallback(live=live)])
+        history = trainable.fit(train_batches, epochs=params.train.epochs,
+                                validation_data=test_batches, verbose=verbose, shuffle=False,
+                                callbacks=[DVCLiveCallback(live=live)])
         seconds["fit"] = time.perf_counter() - started
-        val_scores = head_scores(head, store, val.rows)
+        started = time.perf_counter()
+        originals, scores, cams = predict_cache(head, store, positive_index)
+        seconds["predict_cache"] = time.perf_counter() - started
+        score_of = pd.Series(scores, index=originals["sha256"].to_numpy())
+        val_scores = score_of.loc[val.sha256].to_numpy(dtype=np.float64)
         choice = choose_threshold(val.is_covid, val_scores, params.threshold.rule,
                                   params.threshold.sensitivity)
         live.log_metric("threshold/value", choice.threshold, plot=False)
@@ -338,7 +317,7 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
     started = time.perf_counter()
     classifier = assemble_classifier(load_backbone(store, params), head, model_name)
     info = ModelInfo(
-        model_name=model_name, class_names=class_names(model_name),
+        model_name=model_name, class_names=names,
         positive_class=POSITIVE_CLASS, img_size=params.model.img_size,
         backbone=params.model.backbone, weights=params.model.weights,
         threshold=choice.threshold, revision=git_revision(paths.root),
@@ -347,6 +326,8 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
     )
     model_path = paths.model_file(model_name)
     save_classifier(classifier, info, model_path)
+    write_predictions(paths.predictions_dir(model_name), originals["sha256"].tolist(),
+                      originals["path"].tolist(), scores, cams)
     seconds["assemble_save"] = time.perf_counter() - started
     return TrainResult(model_path=model_path, info=info, threshold=choice,
                        n_train_rows=len(train), n_train_images=int(np.unique(train.sha256).size),

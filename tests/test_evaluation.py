@@ -15,20 +15,24 @@ from sklearn.metrics import f1_score, precision_score, roc_auc_score
 from test_features import make_project
 
 from covid_xray.config import MODEL_NAMES, Paths
+from covid_xray.datasets import external_files
 from covid_xray.evaluation import (
     METRIC_NAMES,
+    average_ranks,
     binary_metrics,
     bootstrap_cis,
-    external_files,
+    classification_table,
     metrics_with_ci,
+    roc_points,
     score_bin,
-    score_files,
 )
 from covid_xray.features import featurize
+from covid_xray.gradcam import gradcam_heatmap, heatmap_from_cam
 from covid_xray.imaging import prepare_file
 from covid_xray.io import PipelineError
 from covid_xray.modeling import Classifier
 from covid_xray.params import load_params
+from covid_xray.scores import Predictions
 from covid_xray.training import train_model
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +51,31 @@ def test_metrics_match_hand_counts_and_sklearn() -> None:
     assert m["roc_auc"] == pytest.approx(roc_auc_score(y, s))  # includes a tied pair (0.3)
     lower = binary_metrics(y, s, threshold=0.25)
     assert lower["sensitivity"] == 1.0 and lower["specificity"] < m["specificity"]
+
+
+def test_numpy_ranks_roc_and_report_equal_scipy_and_sklearn() -> None:
+    """The stages avoid importing scipy.stats/sklearn (seconds per process); the NumPy versions
+    must give exactly what those libraries give, ties included."""
+    from scipy.stats import rankdata
+    from sklearn.metrics import classification_report, roc_curve
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        n = int(rng.integers(2, 40))
+        values = np.round(rng.random((4, n)), 1)  # many ties
+        np.testing.assert_array_equal(average_ranks(values), rankdata(values, axis=1))
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        for ours, theirs in zip(roc_points(y, values[0]),
+                                roc_curve(y, values[0], drop_intermediate=False), strict=True):
+            np.testing.assert_allclose(ours, theirs)
+        actual = np.where(y == 1, "covid", "normal")
+        predicted = np.where(values[1] >= 0.5, "covid", "normal")
+        predicted[:2] = ["normal", "covid"]  # both classes on both sides (sklearn then prints
+        # integer supports; with an empty class it switches to floats, a quirk not copied)
+        assert classification_table(actual, predicted, ["covid", "normal"]) == \
+            classification_report(actual, predicted, labels=["covid", "normal"], digits=4,
+                                  zero_division=0)
 
 
 def test_undefined_metrics_are_null_not_nan() -> None:
@@ -172,20 +201,50 @@ def test_validate_scores_heldout_and_external_sets(trained: Paths) -> None:
     assert "external ext" in summary and "held-out" in summary
 
 
-def test_external_scores_equal_the_full_saved_models(trained: Paths) -> None:
-    classifiers = {m: Classifier.load(trained.model_file(m)) for m in MODEL_NAMES}
-    files = external_files("ext", "data/raw/external", trained.root)
-    bad = trained.root / "data" / "raw" / "external" / "normal" / "broken.png"
-    bad.write_bytes(b"\x89PNG not really")
+def test_stored_external_predictions_equal_the_full_saved_models(trained: Paths) -> None:
+    """validate reads scores and Grad-CAM maps stored by train; they are what the saved full
+    model (the one the app serves) computes from the decoded external image."""
+    files = external_files("ext", "data/raw/external", trained.root).iloc[:4]
+    images = np.stack([prepare_file(p, 32) for p in files["path"]])
+    for model in MODEL_NAMES:
+        classifier = Classifier.load(trained.model_file(model))
+        stored = Predictions.open(trained.predictions_dir(model), model)
+        where = stored.positions(files["sha256"].tolist())
+        assert (where >= 0).all()
+        np.testing.assert_allclose(stored.scores_at(where), classifier.covid_scores(images),
+                                   atol=1e-5)
+        for i, image in enumerate(images):
+            live = gradcam_heatmap(classifier, image)
+            np.testing.assert_allclose(heatmap_from_cam(stored.cams[where[i]], 32), live,
+                                       atol=1e-3)
+
+
+def test_validate_lists_images_without_features_as_skipped(trained: Paths) -> None:
+    from stages.validate import main
+
+    broken = trained.root / "data" / "raw" / "external" / "normal" / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")  # added after featurize: no prediction
     try:
-        paths = [*files["path"].tolist()[:5], str(bad)]
-        scores, kept, skipped = score_files(classifiers, paths, batch_size=4)
+        main()
     finally:
-        bad.unlink()
-    assert kept == [0, 1, 2, 3, 4] and [s["path"] for s in skipped] == [str(bad)]
-    images = np.stack([prepare_file(p, 32) for p in paths[:5]])
-    for model, classifier in classifiers.items():
-        np.testing.assert_allclose(scores[model], classifier.covid_scores(images), atol=1e-5)
+        broken.unlink()
+    results = json.loads((trained.metrics / "validate.json").read_text())
+    skipped = pd.read_csv(trained.reports / "validate" / "skipped.csv")
+    assert results["skipped_images"] == 1 and skipped["path"].tolist() == [str(broken)]
+    assert skipped["set"].tolist() == ["external_ext_normal"]
+    assert results["covid_normal"]["sets"]["external_ext_normal"]["n"] == 6
+
+
+def test_evaluate_and_validate_do_not_import_tensorflow(trained: Paths) -> None:
+    """The head-only experiment budget: only the train stages pay TensorFlow's import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stages.evaluate, stages.validate, stages.report; "
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_missing_external_folder_names_the_params_key(trained: Paths) -> None:
@@ -217,6 +276,6 @@ def test_evaluate_without_models_says_what_to_run(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     from stages.evaluate import main
 
-    with pytest.raises(PipelineError, match="featurize"):
+    with pytest.raises(PipelineError, match=r"covid_normal\.json.*dvc repro"):
         main()
     assert not (paths.metrics / "evaluate.json").exists()

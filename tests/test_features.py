@@ -168,7 +168,10 @@ def test_featurize_writes_exact_backbone_features(project: Paths) -> None:
     info = featurize(project, params, progress=False)
     store = FeatureStore.open(project.features)
     manifest = read_manifest(project.manifest)
-    assert info["images"] == manifest["sha256"].nunique()
+    external = store.index[store.index["path"].str.startswith("../raw/external/")]
+    assert info["external_images"] == len(external) == 12  # make_project: 6 covid + 6 normal
+    assert (external["copy"] == 0).all()  # scored only: no rotated copies
+    assert info["images"] == manifest["sha256"].nunique() + len(external)
     assert info["rows"] == len(store.index) == store.features.shape[0]
     assert store.features.dtype == np.float32 and store.feature_shape == (1, 1, 512)
     assert info["images_per_s"] > 0 and info["skipped"] == []  # timing returned, not stored

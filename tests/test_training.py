@@ -18,7 +18,9 @@ from covid_xray.imaging import prepare_file
 from covid_xray.io import PipelineError
 from covid_xray.modeling import Classifier
 from covid_xray.params import load_params
-from covid_xray.training import choose_threshold, head_scores, read_split, train_model
+from covid_xray.scores import Predictions
+from covid_xray.splitting import read_split
+from covid_xray.training import choose_threshold, head_scores, train_model
 
 # ---------------------------------------------------------------------------------------------
 # Threshold rules (pure functions)
@@ -125,6 +127,12 @@ def test_saved_full_model_scores_like_the_head_on_cached_features(trained: Paths
     full = classifier.covid_scores(images)
     np.testing.assert_allclose(full, cached, atol=1e-4)
     assert len(set(np.round(full, 3))) > 1  # not a constant model
+    stored = Predictions.open(trained.predictions_dir("covid_normal"), "covid_normal")
+    originals = store.index[store.index["copy"] == 0]
+    assert stored.table["sha256"].tolist() == originals["sha256"].tolist()  # every cached image
+    np.testing.assert_allclose(stored.scores_at(stored.positions(picked["sha256"].to_numpy()[owner])),
+                               full, atol=1e-4)
+    assert stored.cams.shape == (len(originals), 1, 1) and (stored.cams >= 0).all()
 
 
 def test_two_runs_give_identical_metrics_and_weights(featurized: Paths) -> None:

@@ -1,0 +1,64 @@
+"""The sidecar ``models/<name>.json``: what nobody should have to remember about a model.
+
+Kept apart from the Keras code (:mod:`covid_xray.modeling`) so that evaluate, validate and the
+report read thresholds and class order without importing TensorFlow (seconds per process).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from covid_xray.io import PipelineError
+
+PREPROCESSING = "decode->RGB->resize(img_size, INTER_AREA when shrinking)->float32/255"
+FORMAT_VERSION = 1
+
+
+class ModelLoadError(PipelineError):
+    """A model file is missing, unreadable or incompatible; the message names the file."""
+
+
+@dataclass
+class ModelInfo:
+    """The sidecar ``<name>.json``: everything needed to use the model correctly."""
+
+    model_name: str
+    class_names: list[str]
+    positive_class: str
+    img_size: int
+    backbone: str
+    weights: str
+    threshold: float = 0.5
+    preprocessing: str = PREPROCESSING
+    format_version: int = FORMAT_VERSION
+    revision: str = "unknown"
+    params: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def positive_index(self) -> int:
+        return self.class_names.index(self.positive_class)
+
+
+def info_path(model_path: Path | str) -> Path:
+    """``models/<name>.keras`` -> ``models/<name>.json``."""
+    return Path(model_path).with_suffix(".json")
+
+
+def read_model_info(sidecar: Path | str) -> ModelInfo:
+    """Read and check a sidecar; every problem is a :class:`ModelLoadError` naming the file."""
+    sidecar = Path(sidecar)
+    if not sidecar.is_file():
+        raise ModelLoadError(f"{sidecar}: model file not found; run `dvc repro` to train the "
+                             "models, or point to an existing one")
+    try:
+        info = ModelInfo(**json.loads(sidecar.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{sidecar}: not a covid-xray model info file ({exc})") from exc
+    if info.format_version != FORMAT_VERSION:
+        raise ModelLoadError(f"{sidecar}: format_version {info.format_version}, this "
+                             f"code reads {FORMAT_VERSION}; retrain with `dvc repro`")
+    return info
