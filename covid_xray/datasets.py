@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
 from covid_xray.imaging import ImageDecodeError, decode_image, read_image_info
-from covid_xray.io import PipelineError, sha256_file, write_csv
+from covid_xray.io import PipelineError, read_stage_csv, sha256_file, write_csv
 from covid_xray.params import CopyParams
 
 log = logging.getLogger("covid_xray.datasets")
@@ -152,13 +152,7 @@ def drop_duplicates(images: Iterable[ImageRecord], seen: dict[str, Path],
 # ------------------------------------------------------------------------------------ candidates
 def covid_candidates(table_path: Path, covid_dir: Path) -> list[Candidate]:
     """Rows of ``covid_selected.csv`` / ``covid_heldout.csv`` as files under the COVID dataset."""
-    if not table_path.is_file():
-        raise PipelineError(f"{table_path}: not found; run the select_metadata stage first")
-    table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
-    missing = [c for c in _INTERIM_COLUMNS if c not in table.columns]
-    if missing:
-        raise PipelineError(f"{table_path}: missing column(s) {', '.join(missing)}; expected the "
-                            "select_metadata output (docs/contracts.md). Re-run select_metadata.")
+    table = read_stage_csv(table_path, _INTERIM_COLUMNS, "select_metadata")
     return [Candidate(covid_dir / path, POSITIVE_CLASS, patient)
             for patient, path in zip(table["patient_id"], table["image_path"], strict=True)]
 

@@ -18,9 +18,31 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("covid_xray")
+
+
+def read_stage_csv(path: Path, required: Sequence[str], produced_by: str) -> pd.DataFrame:
+    """A CSV an earlier stage wrote, as strings, checked for the ``required`` columns.
+
+    The one place for the two errors every stage input can raise: the file is missing (run the
+    stage that writes it) or lacks columns (named, with the expected set and the contract doc).
+    """
+    import pandas as pd  # here, not at module level: the web app imports this module too
+
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; run the {produced_by} stage first (`dvc repro`)")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} (expected "
+                            f"{', '.join(required)}, the {produced_by} output: see "
+                            f"docs/contracts.md); re-run {produced_by}")
+    return frame
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from covid_xray.config import MODEL_NAMES, class_names
-from covid_xray.io import PipelineError, write_csv
+from covid_xray.io import PipelineError, read_stage_csv, write_csv
 from covid_xray.params import SplitParams
 
 SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "sha256", "split")
@@ -30,14 +30,7 @@ def read_manifest(path: Path, required: Sequence[str] = _MANIFEST_COLUMNS) -> pd
 
     The one reader of data/datasets/manifest.csv: split, featurize and validate call it.
     """
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found; run the copy_images stage first (`dvc repro`)")
-    manifest = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in required if c not in manifest.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected the "
-                            "copy_images manifest (docs/contracts.md). Re-run copy_images.")
-    return manifest
+    return read_stage_csv(path, required, "copy_images")
 
 
 READ_SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "sha256", "split")
@@ -45,13 +38,7 @@ READ_SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "sha256", "split")
 
 def read_split(path: Path, model_name: str) -> pd.DataFrame:
     """``data/splits/<model>.csv``, checked: contract columns, known labels and split names."""
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found; run the split stage first (`dvc repro split`)")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in READ_SPLIT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise PipelineError(f"{path}: missing column(s) {', '.join(missing)} "
-                            f"(expected {', '.join(READ_SPLIT_COLUMNS)}, see docs/contracts.md)")
+    frame = read_stage_csv(path, READ_SPLIT_COLUMNS, "split")
     labels = set(class_names(model_name))
     bad_label = frame[~frame["label"].isin(labels)]
     if not bad_label.empty:
