@@ -281,7 +281,6 @@ def report_text(model_name: str, is_covid: np.ndarray, scores: np.ndarray,
 class ScoredSet:
     """Scores of one set of images under one model."""
 
-    paths: list[str]
     is_covid: np.ndarray
     scores: np.ndarray
 
@@ -290,7 +289,6 @@ class ScoredSet:
 class TrainedModel:
     """What evaluate and validate need of a trained model: its sidecar and its predictions."""
 
-    name: str
     info: ModelInfo
     predictions: Predictions
 
@@ -307,7 +305,7 @@ def load_trained(paths: Paths, model_name: str) -> TrainedModel:
         raise PipelineError(f"{sidecar}: class order {info.class_names} is not "
                             f"{class_names(model_name)}; retrain with `dvc repro`")
     predictions = Predictions.open(paths.predictions_dir(model_name), model_name)
-    return TrainedModel(name=model_name, info=info, predictions=predictions)
+    return TrainedModel(info=info, predictions=predictions)
 
 
 def score_split(model: TrainedModel, split: pd.DataFrame, name: str = "test") -> ScoredSet:
@@ -320,7 +318,7 @@ def score_split(model: TrainedModel, split: pd.DataFrame, name: str = "test") ->
                             f"{int((where < 0).sum())} image(s) of the {name} split (e.g. "
                             f"{example}); the predictions and the split disagree: re-run "
                             "`dvc repro`")
-    return ScoredSet(paths=part["path"].tolist(), is_covid=covid_labels(part["label"]),
+    return ScoredSet(is_covid=covid_labels(part["label"]),
                      scores=model.predictions.scores_at(where))
 
 

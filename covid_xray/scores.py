@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from covid_xray.config import POSITIVE_CLASS
-from covid_xray.io import PipelineError, atomic_dir, write_csv
+from covid_xray.io import PipelineError, atomic_dir, read_stage_csv, write_csv
 
 SCORES_FILE = "scores.csv"
 GRADCAM_FILE = "gradcam.npy"
@@ -63,15 +63,12 @@ class Predictions:
     def open(cls, folder: Path, model_name: str) -> Predictions:
         """Read ``data/predictions/<model>``; a clear error naming the file when it is unusable."""
         scores_file, cams_file = folder / SCORES_FILE, folder / GRADCAM_FILE
-        for required in (scores_file, cams_file):
-            if not required.is_file():
-                raise PipelineError(f"{required}: not found; run the train stage first "
-                                    f"(`dvc repro train@{model_name}`)")
-        table = pd.read_csv(scores_file, dtype={"sha256": str, "path": str})
-        missing = [c for c in SCORE_COLUMNS if c not in table.columns]
-        if missing:
-            raise PipelineError(f"{scores_file}: missing column(s) {', '.join(missing)}; "
-                                f"re-run `dvc repro train@{model_name}`")
+        stage = f"train@{model_name}"
+        table = read_stage_csv(scores_file, SCORE_COLUMNS, stage)
+        table["score"] = table["score"].astype(np.float64)
+        if not cams_file.is_file():
+            raise PipelineError(f"{cams_file}: not found; run the {stage} stage first "
+                                "(`dvc repro`)")
         cams = np.load(cams_file)
         if cams.ndim != 3 or len(cams) != len(table):
             raise PipelineError(f"{cams_file}: shape {cams.shape} does not match the "

@@ -11,9 +11,9 @@ The head's first two layers (AveragePooling2D + Flatten) have no weights, so the
 computed once per row (``modeling.pooled_features``, 12x smaller than the feature maps at 224 px)
 and the layers after them are fitted on it: the same layer objects, so the saved head holds the
 trained weights. Fitting from pooled rows in memory is ~3x faster than streaming feature maps
-(measured: docs in benchmarks/bench_pipeline.py) and the pooled rows were already needed for the
-Normalization statistics and the out-of-distribution fit. Seeded (``keras.utils.set_random_seed``
-+ deterministic ops): the same params give identical metrics.
+(10 epochs ~3 s instead of ~9 s on the demo data: README, Performance), and the pooled rows were
+already needed for the Normalization statistics and the out-of-distribution fit. Seeded
+(``keras.utils.set_random_seed`` + deterministic ops): the same params give identical metrics.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ STEPS_PER_EXECUTION = 64
 dominated: 0.27 s per epoch at 1, 0.10 s at 64 (444 rows, batch 8, this 2-core machine). The
 same steps run in the same order, so results do not change."""
 
+
 def one_hot(is_covid: np.ndarray) -> np.ndarray:
     """Seed-style one-hot targets in class order [covid, negative]."""
     return np.stack([is_covid, 1 - is_covid], axis=1).astype(np.float32)
@@ -92,16 +93,6 @@ def pooled_rows(store: FeatureStore, rows: np.ndarray, pool_size: int,
     parts = [pooled_features(store.take(rows[i:i + chunk]), pool_size)
              for i in range(0, len(rows), chunk)]
     return np.concatenate(parts).astype(np.float32)
-
-
-def head_scores(head: keras.Model, store: FeatureStore, rows: np.ndarray,
-                batch_size: int = 256) -> np.ndarray:
-    """COVID probability (class index 0) of the head on cached features, in ``rows`` order."""
-    scores = np.empty(len(rows), dtype=np.float64)
-    for i in range(0, len(rows), batch_size):
-        probs = np.asarray(head(store.take(rows[i:i + batch_size]), training=False))
-        scores[i:i + batch_size] = probs[:, 0]
-    return scores
 
 
 @dataclass(frozen=True)

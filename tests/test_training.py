@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_features import make_project
+from test_features import featurized_project
 
 from covid_xray.config import Paths
-from covid_xray.features import FeatureStore, featurize
+from covid_xray.features import FeatureStore
 from covid_xray.imaging import prepare_file
 from covid_xray.io import PipelineError
 from covid_xray.modeling import Classifier
 from covid_xray.params import load_params
 from covid_xray.scores import Predictions
 from covid_xray.splitting import read_split
-from covid_xray.training import choose_threshold, head_scores, train_model
+from covid_xray.training import choose_threshold, train_model
 
 # ---------------------------------------------------------------------------------------------
 # Threshold rules (pure functions)
@@ -76,12 +76,7 @@ def test_argmax_and_fallbacks_say_what_happened() -> None:
 
 @pytest.fixture(scope="module")
 def featurized(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Paths]:
-    root = tmp_path_factory.mktemp("train")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.delenv("COVID_XRAY_ROOT", raising=False)
-        paths = make_project(root)
-        featurize(paths, load_params(paths.params), progress=False)
+    with featurized_project(tmp_path_factory.mktemp("train")) as paths:
         yield paths
 
 
@@ -121,7 +116,8 @@ def test_saved_full_model_scores_like_the_head_on_cached_features(trained: Paths
     split = read_split(trained.split_file("covid_normal"), "covid_normal")
     picked = split.groupby("split").head(2)
     rows, owner = store.rows(picked["sha256"].tolist())
-    cached = head_scores(classifier.model.get_layer("head"), store, rows)
+    head = classifier.model.get_layer("head")
+    cached = np.asarray(head(store.take(rows), training=False))[:, classifier.info.positive_index]
     images = np.stack([prepare_file(trained.datasets / p, 32)
                        for p in picked["path"].to_numpy()[owner]])
     full = classifier.covid_scores(images)
@@ -130,8 +126,8 @@ def test_saved_full_model_scores_like_the_head_on_cached_features(trained: Paths
     stored = Predictions.open(trained.predictions_dir("covid_normal"), "covid_normal")
     originals = store.index[store.index["copy"] == 0]
     assert stored.table["sha256"].tolist() == originals["sha256"].tolist()  # every cached image
-    np.testing.assert_allclose(stored.scores_at(stored.positions(picked["sha256"].to_numpy()[owner])),
-                               full, atol=1e-4)
+    where = stored.positions(picked["sha256"].to_numpy()[owner])
+    np.testing.assert_allclose(stored.scores_at(where), full, atol=1e-4)
     assert stored.cams.shape == (len(originals), 1, 1) and (stored.cams >= 0).all()
 
 
