@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import requests
 from tqdm import tqdm
 
-from covid_xray.config import Paths
+from covid_xray.config import Paths, resolve_path
 from covid_xray.demo import generate_demo
 from covid_xray.io import PipelineError, atomic_dir, sha256_file, write_json
 from covid_xray.params import Params
@@ -218,8 +218,7 @@ def count_raw(root: Path) -> dict[str, Any]:
 
 def resolve_local_source(source: str, paths: Paths) -> Path:
     """``data.source`` as an absolute folder; refuses ``data/raw`` itself (it is rebuilt)."""
-    folder = Path(source).expanduser()
-    folder = (folder if folder.is_absolute() else paths.root / folder).resolve()
+    folder = resolve_path(source, paths.root).resolve()
     if not folder.is_dir():
         raise PipelineError(f"data.source: folder {folder} not found")
     raw = paths.raw.resolve()

@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from covid_xray.config import MODEL_NAMES, Paths
+from covid_xray.config import MODEL_NAMES, Paths, resolve_path
 from covid_xray.imaging import ImageDecodeError, load_image
 from covid_xray.io import PipelineError
 
@@ -326,8 +326,7 @@ def collect_groups(paths: Paths, external: Mapping[str, str],
         groups.update(split_groups(paths.split_file(model), model, paths.datasets, paths.root))
     groups.update(heldout_groups(paths.manifest, paths.datasets, paths.root))
     for name, folder in sorted(external.items()):
-        location = Path(folder).expanduser()
-        location = location if location.is_absolute() else paths.root / location
+        location = resolve_path(folder, paths.root)
         if location.is_dir():
             groups[f"external/{name}"] = external_group(name, location, paths.root)
         else:

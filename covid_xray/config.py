@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from covid_xray.io import PipelineError
+
 MODEL_NAMES: tuple[str, ...] = ("covid_normal", "covid_pneumonia")
 """The two classifiers of the seed: COVID vs NORMAL (model 1) and COVID vs PNEUMONIA (model 2)."""
 
@@ -20,9 +22,15 @@ POSITIVE_CLASS = "covid"
 def class_names(model_name: str) -> list[str]:
     """The output order of every classifier: [covid, <negative class>]."""
     if model_name not in NEGATIVE_CLASS:
-        raise ValueError(f"unknown model {model_name!r}; expected one of "
-                         f"{', '.join(NEGATIVE_CLASS)}")
+        raise PipelineError(f"unknown model {model_name!r}; expected one of "
+                            f"{', '.join(NEGATIVE_CLASS)}")
     return [POSITIVE_CLASS, NEGATIVE_CLASS[model_name]]
+
+
+def resolve_path(value: str | Path, root: Path) -> Path:
+    """A user-given path from params.yaml: ``~`` expanded, relative paths taken from ``root``."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
 
 
 def project_root() -> Path:

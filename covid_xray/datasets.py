@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
+from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, resolve_path
 from covid_xray.imaging import ImageDecodeError, decode_image, read_image_info
 from covid_xray.io import PipelineError, read_stage_csv, sha256_file, write_csv
 from covid_xray.params import CopyParams
@@ -407,8 +407,7 @@ def external_files(name: str, folder: str, root: Path) -> pd.DataFrame:
     ``path`` is absolute; ``folder`` is relative to ``root`` unless absolute. Featurize caches the
     images' features and validate scores them: both list the set with this function.
     """
-    location = Path(folder).expanduser()
-    location = location if location.is_absolute() else root / location
+    location = resolve_path(folder, root)
     if not location.is_dir():
         raise PipelineError(f"params.yaml `validate.external.{name}`: folder {folder!r} not found "
                             f"({location}); create it with covid/, normal/ or pneumonia/ "

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from covid_xray.config import resolve_path
+
 BACKBONES: tuple[str, ...] = ("vgg16", "mobilenetv2")
 THRESHOLD_RULES: tuple[str, ...] = ("youden", "target_sensitivity", "argmax")
 
@@ -207,8 +209,7 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml",
 
     data_source = r.string("data.source", "demo")
     if data_source not in ("demo", "download"):
-        folder = Path(data_source).expanduser()
-        folder = folder if folder.is_absolute() else root / folder
+        folder = resolve_path(data_source, root)
         if not folder.is_dir():
             raise ParamsError(
                 f"{source}: `data.source` is {data_source!r}, which is neither `demo`, `download` "
@@ -231,8 +232,7 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml",
     if model_weights.lower() in ("imagenet", "none"):
         model_weights = model_weights.lower()
     else:
-        weights_path = Path(model_weights).expanduser()
-        weights_path = weights_path if weights_path.is_absolute() else root / weights_path
+        weights_path = resolve_path(model_weights, root)
         if not weights_path.is_file():
             raise ParamsError(
                 f"{source}: `model.weights` is {model_weights!r}: no such file ({weights_path}). "
