@@ -22,6 +22,12 @@ FAST_PARAMS: dict[str, Any] = {
     "validate": {"gradcam_images": 1, "bootstrap": 50},
 }
 
+# The docs/contracts.md column lists, spelled out here rather than imported from the package, so
+# that test projects written with them check the contract itself.
+MANIFEST_HEADER = ["path", "set", "label", "patient_id", "sha256", "source", "width", "height",
+                   "format"]
+SPLIT_HEADER = ["path", "label", "patient_id", "sha256", "split"]
+
 _SKIP = {".git", "data", "models", "metrics", "plots", "reports", "dvclive", ".pytest_cache",
          "dvc.lock",
          ".ruff_cache", "tests", "benchmarks", "__pycache__"}

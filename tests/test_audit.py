@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from pipeline_helpers import MANIFEST_HEADER, SPLIT_HEADER
 
 from covid_xray.audit import (
     MIN_CORRELATION,
@@ -31,10 +32,6 @@ from covid_xray.audit import (
 from covid_xray.config import Paths
 from covid_xray.imaging import load_image
 from covid_xray.io import PipelineError
-
-MANIFEST_HEADER = ["path", "set", "label", "patient_id", "sha256", "source", "width", "height",
-                   "format"]
-SPLIT_HEADER = ["path", "label", "patient_id", "sha256", "split"]
 
 
 def xray_like(seed: int, size: int = 48) -> np.ndarray:

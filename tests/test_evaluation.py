@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 from sklearn.metrics import f1_score, precision_score, roc_auc_score
-from test_features import make_project
+from test_features import featurized_project, make_project
 
 from covid_xray.config import MODEL_NAMES, Paths
 from covid_xray.datasets import external_files
@@ -26,7 +26,6 @@ from covid_xray.evaluation import (
     roc_points,
     score_bin,
 )
-from covid_xray.features import featurize
 from covid_xray.gradcam import gradcam_heatmap, heatmap_from_cam
 from covid_xray.imaging import prepare_file
 from covid_xray.io import PipelineError
@@ -124,13 +123,8 @@ def test_bootstrap_intervals_are_seeded_stratified_and_shrink_with_n() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Paths]:
-    root = tmp_path_factory.mktemp("evaluate")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.delenv("COVID_XRAY_ROOT", raising=False)
-        paths = make_project(root)
+    with featurized_project(tmp_path_factory.mktemp("evaluate")) as paths:
         params = load_params(paths.params)
-        featurize(paths, params, progress=False)
         for model in MODEL_NAMES:
             train_model(model, paths, params, verbose=0)
         yield paths

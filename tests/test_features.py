@@ -7,9 +7,11 @@ evaluation tests too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from pipeline_helpers import MANIFEST_HEADER, SPLIT_HEADER
 
 from covid_xray.config import Paths
 from covid_xray.features import (
@@ -32,10 +35,6 @@ from covid_xray.imaging import prepare_file
 from covid_xray.io import PipelineError
 from covid_xray.modeling import build_backbone
 from covid_xray.params import load_params
-
-MANIFEST_HEADER = ["path", "set", "label", "patient_id", "sha256", "source", "width", "height",
-                   "format"]
-SPLIT_HEADER = ["path", "label", "patient_id", "sha256", "split"]
 
 TINY_PARAMS: dict[str, Any] = {
     "base": {"seed": 42},
@@ -125,6 +124,18 @@ def make_project(root: Path, n_train: int = 24, n_heldout: int = 4, n_external: 
         merged.setdefault(section, {}).update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     return Paths(root)
+
+
+@contextlib.contextmanager
+def featurized_project(root: Path) -> Iterator[Paths]:
+    """:func:`make_project` + featurize under ``root``, with the working directory there (stages
+    find their files from it) for as long as the context lasts: for module-scoped fixtures."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("COVID_XRAY_ROOT", raising=False)
+        paths = make_project(root)
+        featurize(paths, load_params(paths.params), progress=False)
+        yield paths
 
 
 @pytest.fixture
