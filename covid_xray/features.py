@@ -37,14 +37,9 @@ from covid_xray.config import Paths
 from covid_xray.datasets import external_sets
 from covid_xray.imaging import ImageDecodeError, prepare_file
 from covid_xray.io import PipelineError, atomic_dir, read_json, write_csv, write_json
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras
-import tensorflow as tf
-
 from covid_xray.modeling import build_backbone
 from covid_xray.params import Params
+from covid_xray.tf_runtime import keras, tf
 
 log = logging.getLogger("covid_xray.features")
 

@@ -25,7 +25,7 @@ def gradcam_maps(head: Any, feature_maps: np.ndarray, class_index: int,
     is exact: the head treats images independently (inference mode), so the gradient of the summed
     class scores with respect to each image's map is that image's own gradient.
     """
-    import tensorflow as tf
+    from covid_xray.tf_runtime import tf
 
     feature_maps = np.asarray(feature_maps, dtype=np.float32)
     parts = []

@@ -33,10 +33,7 @@ from covid_xray.model_info import (  # noqa: F401  (re-exported: the saved-model
     info_path,
     read_model_info,
 )
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras
+from covid_xray.tf_runtime import keras
 
 _IMAGENET_FILES = {
     "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",

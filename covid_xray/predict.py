@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -28,9 +27,6 @@ from typing import Any
 import cv2
 import numpy as np
 from PIL import Image
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf
 
 from covid_xray import imaging, ood
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
@@ -44,6 +40,7 @@ from covid_xray.modeling import (
     pooled_features,
     save_classifier,
 )
+from covid_xray.tf_runtime import tf
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +456,7 @@ def build_smoke_models(models_dir: Path | str, images_by_class: dict[str, Sequen
     as the train stage does. The verdicts mean nothing medically; the files exercise every code
     path of the service exactly as the pipeline's models do.
     """
-    import keras
+    from covid_xray.tf_runtime import keras
 
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ already needed for the Normalization statistics and the out-of-distribution fit.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -33,14 +32,6 @@ from covid_xray.config import POSITIVE_CLASS, Paths, class_names
 from covid_xray.features import FeatureStore
 from covid_xray.gradcam import gradcam_maps
 from covid_xray.io import PipelineError
-from covid_xray.scores import covid_labels, write_predictions
-from covid_xray.splitting import read_split
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras
-import tensorflow as tf
-
 from covid_xray.modeling import (
     ModelInfo,
     assemble_classifier,
@@ -51,6 +42,9 @@ from covid_xray.modeling import (
     save_classifier,
 )
 from covid_xray.params import Params
+from covid_xray.scores import covid_labels, write_predictions
+from covid_xray.splitting import read_split
+from covid_xray.tf_runtime import keras, tf
 
 log = logging.getLogger("covid_xray.training")
 
