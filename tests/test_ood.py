@@ -218,3 +218,30 @@ def test_check_features_reports_the_distance_ratio() -> None:
     assert ok.ok and 0 < ok.measures["feature_distance_ratio"] <= 1
     far = ood.check_features(stats, rng.normal(size=16) + 25, "m")
     assert not far.ok and far.measures["feature_distance_ratio"] > 1
+
+
+def test_mean_nearest_distance_matches_the_direct_computation() -> None:
+    rng = np.random.default_rng(3)
+    reference = rng.normal(size=(300, 32)) * 5
+    queries = np.vstack([rng.normal(size=(40, 32)) * 5, reference[:5]])  # 5 exact matches
+    diff = queries[:, np.newaxis, :] - reference[np.newaxis, :, :]
+    direct = np.sort(np.sqrt((diff ** 2).sum(axis=2)), axis=1)
+    for k in (1, 3, 400):
+        expected = direct[:, :min(k, 300)].mean(axis=1)
+        got = ood.mean_nearest_distance(queries, reference, k, chunk=7)  # several chunks
+        assert np.allclose(got, expected, rtol=1e-9, atol=1e-6), k
+    assert np.allclose(ood.mean_nearest_distance(reference[:5], reference, 1), 0.0, atol=1e-6)
+
+
+def test_large_training_sets_are_sampled_by_whole_groups() -> None:
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(90, 12))
+    groups = np.repeat(np.arange(30), 3)  # an image and its two rotated copies
+    stats = ood.fit_ood_stats(features, groups=groups, max_reference=40, seed=1)
+    assert stats["n_train"] == 90 and stats["n_reference"] == 39  # 13 whole groups of 3
+    used = np.asarray(stats["coords"])
+    assert used.shape == (39, min(32, 12))
+    again = ood.fit_ood_stats(features, groups=groups, max_reference=40, seed=1)
+    assert again == stats  # seeded
+    far = ood.feature_scores(stats, features + 50.0)
+    assert (far > 1.0).all()
