@@ -36,7 +36,14 @@ from covid_xray import splitting
 from covid_xray.config import Paths
 from covid_xray.datasets import external_sets
 from covid_xray.imaging import ImageDecodeError, prepare_file
-from covid_xray.io import PipelineError, atomic_dir, read_json, write_csv, write_json
+from covid_xray.io import (
+    PipelineError,
+    atomic_dir,
+    read_json,
+    require_stage_file,
+    write_csv,
+    write_json,
+)
 from covid_xray.modeling import build_backbone
 from covid_xray.params import Params
 from covid_xray.tf_runtime import keras, tf
@@ -390,9 +397,7 @@ class FeatureStore:
         files = [folder / name for name in (FEATURES_FILE, INDEX_FILE, INFO_FILE,
                                             BACKBONE_WEIGHTS_FILE)]
         for required in files:
-            if not required.is_file():
-                raise PipelineError(f"{required}: not found; run the featurize stage first "
-                                    "(`dvc repro featurize`)")
+            require_stage_file(required, "featurize")
         features = np.load(folder / FEATURES_FILE, mmap_mode="r")
         index = pd.read_csv(folder / INDEX_FILE, dtype={"sha256": str, "path": str})
         missing = [c for c in INDEX_COLUMNS if c not in index.columns]

@@ -26,16 +26,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("covid_xray")
 
 
+def require_stage_file(path: Path, produced_by: str) -> None:
+    """The error for a missing stage input: the file, and the stage that writes it."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; run the {produced_by} stage first "
+                            f"(`dvc repro {produced_by}`)")
+
+
 def read_stage_csv(path: Path, required: Sequence[str], produced_by: str) -> pd.DataFrame:
     """A CSV an earlier stage wrote, as strings, checked for the ``required`` columns.
 
-    The one place for the two errors every stage input can raise: the file is missing (run the
+    The one place for the two errors every stage CSV can raise: the file is missing (run the
     stage that writes it) or lacks columns (named, with the expected set and the contract doc).
     """
     import pandas as pd  # here, not at module level: the web app imports this module too
 
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found; run the {produced_by} stage first (`dvc repro`)")
+    require_stage_file(path, produced_by)
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in required if c not in frame.columns]
     if missing:

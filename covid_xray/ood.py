@@ -95,7 +95,7 @@ def _fit_reference(features: np.ndarray, n_components: int) -> dict[str, np.ndar
         components = (vectors.T @ centred) / singular[:, np.newaxis]
     else:  # the d x d scatter matrix: the same top components
         components = _top_eigenpairs(centred.T @ centred, k)[1].T
-    coords = (z - centre) @ components.T
+    coords = centred @ components.T
     return {"mean": mean, "scale": scale, "centre": centre, "components": components,
             "coords": coords}
 

@@ -23,7 +23,13 @@ import numpy as np
 import pandas as pd
 
 from covid_xray.config import POSITIVE_CLASS
-from covid_xray.io import PipelineError, atomic_dir, read_stage_csv, write_csv
+from covid_xray.io import (
+    PipelineError,
+    atomic_dir,
+    read_stage_csv,
+    require_stage_file,
+    write_csv,
+)
 
 SCORES_FILE = "scores.csv"
 GRADCAM_FILE = "gradcam.npy"
@@ -66,9 +72,7 @@ class Predictions:
         stage = f"train@{model_name}"
         table = read_stage_csv(scores_file, SCORE_COLUMNS, stage)
         table["score"] = table["score"].astype(np.float64)
-        if not cams_file.is_file():
-            raise PipelineError(f"{cams_file}: not found; run the {stage} stage first "
-                                "(`dvc repro`)")
+        require_stage_file(cams_file, stage)
         cams = np.load(cams_file)
         if cams.ndim != 3 or len(cams) != len(table):
             raise PipelineError(f"{cams_file}: shape {cams.shape} does not match the "
