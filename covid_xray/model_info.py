@@ -37,6 +37,9 @@ class ModelInfo:
     revision: str = "unknown"
     params: dict[str, Any] = field(default_factory=dict)
     ood: dict[str, Any] = field(default_factory=dict)
+    model_sha256: str = ""
+    """SHA-256 of the ``.keras`` file this sidecar was written with: binds the pair, so a model
+    beside another run's sidecar (another threshold, other OOD statistics) is refused."""
 
     @property
     def positive_index(self) -> int:
@@ -46,6 +49,25 @@ class ModelInfo:
 def info_path(model_path: Path | str) -> Path:
     """``models/<name>.keras`` -> ``models/<name>.json``."""
     return Path(model_path).with_suffix(".json")
+
+
+def check_model_binding(info: ModelInfo, model_path: Path, sidecar: Path,
+                        model_sha256: str) -> None:
+    """Refuse a model file whose SHA-256 is not the one its sidecar was written with.
+
+    ``model_sha256`` is the hash of ``model_path`` as it is now. Sidecars written before the pair
+    was bound (no ``model_sha256``) are refused too: nothing says they belong to this file.
+    """
+    retrain = (f"re-run `dvc repro train@{info.model_name}` to write both files again, or copy "
+               f"{model_path.name} and {sidecar.name} together from one run")
+    if not info.model_sha256:
+        raise ModelLoadError(f"{sidecar}: has no model_sha256 (written before models were bound "
+                             f"to their sidecars), so nothing shows it belongs to {model_path}; "
+                             f"{retrain}")
+    if info.model_sha256 != model_sha256:
+        raise ModelLoadError(f"{model_path} (SHA-256 {model_sha256[:12]}) and {sidecar} (written "
+                             f"for {info.model_sha256[:12]}) are not from the same training run; "
+                             f"{retrain}")
 
 
 def read_model_info(sidecar: Path | str) -> ModelInfo:

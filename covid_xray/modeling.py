@@ -12,24 +12,26 @@ head never learns (it predicted every image as COVID in our checks).
 Saved format: ``models/<name>.keras`` (the complete model, backbone + head, input = float32 RGB in
 [0, 1] of ``img_size``) plus ``models/<name>.json`` beside it, holding what nobody should have to
 remember: class order, positive class, image size, preprocessing recipe, operating threshold,
-backbone and weights, the revision it was trained at, and the out-of-distribution statistics.
+backbone and weights, the revision it was trained at, the out-of-distribution statistics, and the
+``.keras`` file's SHA-256 (``model_sha256``): a model beside another run's sidecar is refused.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from covid_xray.io import PipelineError, atomic_path, write_json
+from covid_xray.io import PipelineError, atomic_path, sha256_file, write_json
 from covid_xray.model_info import (  # noqa: F401  (re-exported: the saved-model API)
     FORMAT_VERSION,
     PREPROCESSING,
     ModelInfo,
     ModelLoadError,
+    check_model_binding,
     info_path,
     read_model_info,
 )
@@ -156,30 +158,47 @@ def assemble_classifier(backbone: keras.Model, head: keras.Model, name: str) -> 
     return keras.Model(inputs, outputs, name=name)
 
 
-def save_classifier(model: keras.Model, info: ModelInfo, model_path: Path | str) -> None:
-    """Write the .keras file and its sidecar atomically."""
+def save_classifier(model: keras.Model, info: ModelInfo, model_path: Path | str) -> ModelInfo:
+    """Write the .keras file, then its sidecar bound to it by the file's SHA-256; both atomic.
+
+    The model goes first: a crash between the two renames leaves a new model beside an old
+    sidecar, which ``Classifier.load`` refuses (hash mismatch) instead of serving it with the
+    old threshold. Every classifier carries its out-of-distribution statistics: without them the
+    service would give verdicts on any picture, so saving one without them is a bug. Returns the
+    info as written (with ``model_sha256``).
+    """
+    if not info.ood:
+        raise ValueError(f"{model_path}: refusing to save a classifier without "
+                         "out-of-distribution statistics (ModelInfo.ood is empty)")
     model_path = Path(model_path)
     with atomic_path(model_path, suffix=".keras") as tmp:
         model.save(tmp)
+        digest = sha256_file(tmp)
+    info = replace(info, model_sha256=digest)
     write_json(info_path(model_path), asdict(info))
+    return info
 
 
 @dataclass
 class Classifier:
-    """A loaded classifier: the Keras model plus its sidecar info."""
+    """A loaded classifier: the Keras model, its sidecar info and the model file's SHA-256."""
 
     model: keras.Model
     info: ModelInfo
     path: Path
+    sha256: str
 
     @classmethod
     def load(cls, model_path: Path | str) -> Classifier:
+        """Load a model + sidecar pair; a pair from two runs is refused, naming both files."""
         model_path = Path(model_path)
         if not model_path.is_file():
             raise ModelLoadError(f"{model_path}: model file not found; run `dvc repro` to "
                                  "train the models, or point to an existing one")
         sidecar = info_path(model_path)
         info = read_model_info(sidecar)
+        digest = sha256_file(model_path)
+        check_model_binding(info, model_path, sidecar, digest)
         try:
             model = keras.models.load_model(model_path, compile=False)
         except Exception as exc:
@@ -189,7 +208,7 @@ class Classifier:
             raise ModelLoadError(f"{model_path}: input {model.input_shape} / output "
                                  f"{model.output_shape} do not match {sidecar} "
                                  f"(expected {expected} -> (None, 2))")
-        return cls(model=model, info=info, path=model_path)
+        return cls(model=model, info=info, path=model_path, sha256=digest)
 
     def covid_scores(self, batch: np.ndarray) -> np.ndarray:
         """Probability of COVID for a float32 batch ``(n, S, S, 3)`` in [0, 1]."""

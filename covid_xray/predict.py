@@ -59,15 +59,6 @@ class InputError(ValueError):
         self.status = status
 
 
-def file_sha256(path: Path) -> str:
-    """Content hash of a model file: its version when no Git/DVC revision was recorded."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_digest(model: Any) -> str:
     """Hash of a Keras model's weights, to detect a backbone shared by several classifiers."""
     digest = hashlib.sha256()
@@ -98,7 +89,11 @@ class LoadedModel:
 
 
 def _load_model(name: str, models_dir: Path) -> LoadedModel:
-    """Load and check one model; every problem is a ``ModelLoadError`` naming the file."""
+    """Load and check one model; every problem is a ``ModelLoadError`` naming the file.
+
+    ``Classifier.load`` refuses a ``.keras`` file beside a sidecar written for another file
+    (``model_sha256``), naming both; the version shown to users is that same hash.
+    """
     path = Path(models_dir) / f"{name}.keras"
     classifier = Classifier.load(path)
     sidecar = path.with_suffix(".json")
@@ -130,7 +125,7 @@ def _load_model(name: str, models_dir: Path) -> LoadedModel:
     else:
         log.warning("%s: no out-of-distribution statistics; only the image-level checks run",
                     sidecar)
-    return LoadedModel(name=name, classifier=classifier, sha256=file_sha256(path),
+    return LoadedModel(name=name, classifier=classifier, sha256=classifier.sha256,
                        pool_size=pool_size, ood_stats=stats)
 
 

@@ -41,6 +41,7 @@ from covid_xray.modeling import (
     pooled_input_model,
     save_classifier,
 )
+from covid_xray.ood import fit_ood_stats
 from covid_xray.params import Params
 from covid_xray.scores import covid_labels, write_predictions
 from covid_xray.splitting import read_split
@@ -168,16 +169,6 @@ def git_revision(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def fit_ood(pooled: np.ndarray, groups: np.ndarray, seed: int) -> dict[str, Any]:
-    """Out-of-distribution statistics for ``ModelInfo.ood`` (empty if covid_xray.ood is absent)."""
-    try:
-        from covid_xray.ood import fit_ood_stats
-    except ImportError:
-        log.warning("covid_xray.ood not available: the model is saved without OOD statistics")
-        return {}
-    return fit_ood_stats(pooled, groups=groups, seed=seed)
-
-
 def relevant_params(params: Params) -> dict[str, Any]:
     """The params a model depends on, stored in its sidecar for provenance."""
     return {"seed": params.seed, "model": asdict(params.model),
@@ -302,7 +293,7 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
         log.warning("%s: %s", model_name, choice.note)
 
     started = time.perf_counter()
-    ood = fit_ood(pooled, train.sha256, params.train.seed)
+    ood = fit_ood_stats(pooled, groups=train.sha256, seed=params.train.seed)
     seconds["ood"] = time.perf_counter() - started
     started = time.perf_counter()
     classifier = assemble_classifier(load_backbone(store, params), head, model_name)
@@ -315,7 +306,7 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
         ood=ood,
     )
     model_path = paths.model_file(model_name)
-    save_classifier(classifier, info, model_path)
+    info = save_classifier(classifier, info, model_path)
     write_predictions(paths.predictions_dir(model_name), originals["sha256"].tolist(),
                       originals["path"].tolist(), scores, cams)
     seconds["assemble_save"] = time.perf_counter() - started

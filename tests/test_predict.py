@@ -222,6 +222,21 @@ def test_incompatible_sidecar_is_named(models_dir: Path, tmp_path: Path, change:
     assert "covid_pneumonia" in str(caught.value)
 
 
+def test_sidecars_swapped_between_models_are_refused_naming_both(models_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """Same image size, classes and feature size: only the model_sha256 binding tells that
+    covid_normal.keras now sits beside covid_pneumonia's sidecar (threshold, OOD statistics)."""
+    copy = linked_copy(models_dir, tmp_path / "models")
+    normal, pneumonia = copy / "covid_normal.json", copy / "covid_pneumonia.json"
+    normal_text = normal.read_text()
+    normal.write_text(pneumonia.read_text())
+    pneumonia.write_text(normal_text)
+    with pytest.raises(ModelLoadError, match="not from the same training run") as caught:
+        PredictionService.load(copy, warm_up=False)
+    assert str(copy / "covid_normal.keras") in str(caught.value)
+    assert str(normal) in str(caught.value)
+
+
 def test_ood_statistics_of_another_feature_size_are_refused(models_dir: Path,
                                                             tmp_path: Path) -> None:
     copy = linked_copy(models_dir, tmp_path / "models")
