@@ -4,8 +4,10 @@ and saving the complete model (frozen backbone + head) with its sidecar and its 
 The recipe is the seed's (Adam(``train.init_lr``), binary cross-entropy on the 2-way softmax with
 one-hot labels in class order [covid, <negative>], ``train.epochs``, ``train.batch_size``, rotation
 augmentation) run on features instead of pixels: rotated copies were computed once by featurize.
-Training rows = the ``train`` split's originals + their rotated copies; the ``test`` split is only
-logged per epoch (never used for any choice); the ``val`` split chooses the threshold.
+Training rows = the ``train`` split's originals + their rotated copies; the ``val`` split is Keras's
+``validation_data`` (dvclive's per-epoch ``eval/*`` curves) and chooses the threshold. The ``test``
+split plays no part in training: its images are scored once, after fitting, with every other cached
+image (``data/predictions``), and only the evaluate stage computes metrics on them.
 
 The head's first two layers (AveragePooling2D + Flatten) have no weights, so their output is
 computed once per row (``modeling.pooled_features``, 12x smaller than the feature maps at 224 px)
@@ -231,9 +233,10 @@ def predict_cache(head: keras.Model, store: FeatureStore, positive_index: int,
 def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2) -> TrainResult:
     """The train stage for one model: fit the head, choose the threshold, save the classifier.
 
-    dvclive logs loss/accuracy per epoch (``train/*`` on the training rows, ``eval/*`` on the test
-    split's originals) to ``metrics/train/<model>/``; the summary also holds the threshold. The
-    head's scores and Grad-CAM maps for every cached original image go to
+    dvclive logs loss/accuracy per epoch (``train/*`` on the training rows, ``eval/*`` on the val
+    split: dvclive's name for Keras's validation data) to ``metrics/train/<model>/``; the summary
+    also holds the threshold. Then the head scores every cached original image once (test split,
+    held-out and external sets included) and draws its Grad-CAM maps, into
     ``data/predictions/<model>/`` (:mod:`covid_xray.scores`).
     """
     from dvclive import Live
@@ -244,7 +247,7 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
     split = read_split(paths.split_file(model_name), model_name)
     train = split_rows(store, split, "train", with_copies=True)
     val = split_rows(store, split, "val")
-    test = split_rows(store, split, "test")
+    n_test = int((split["split"] == "test").sum())  # counted only: never read before evaluate
     names = class_names(model_name)
     positive_index = names.index(POSITIVE_CLASS)
 
@@ -263,15 +266,15 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
                       steps_per_execution=STEPS_PER_EXECUTION)
     train_batches = feature_batches(pooled, train.is_covid, params.train.batch_size,
                                     shuffle_seed=params.train.seed)
-    test_batches = (feature_batches(pooled_rows(store, test.rows, pool_size), test.is_covid,
-                                    max(params.train.batch_size, 64)) if len(test) else None)
+    val_batches = (feature_batches(pooled_rows(store, val.rows, pool_size), val.is_covid,
+                                   max(params.train.batch_size, 64)) if len(val) else None)
 
     seconds: dict[str, float] = {}
     with Live(str(paths.metrics / "train" / model_name), dvcyaml=False, save_dvc_exp=False,
               report=None) as live:
         started = time.perf_counter()
         history = trainable.fit(train_batches, epochs=params.train.epochs,
-                                validation_data=test_batches, verbose=verbose, shuffle=False,
+                                validation_data=val_batches, verbose=verbose, shuffle=False,
                                 callbacks=[DVCLiveCallback(live=live)])
         seconds["fit"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -312,7 +315,7 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
     seconds["assemble_save"] = time.perf_counter() - started
     return TrainResult(model_path=model_path, info=info, threshold=choice,
                        n_train_rows=len(train), n_train_images=int(np.unique(train.sha256).size),
-                       n_val=len(val), n_test=len(test),
+                       n_val=len(val), n_test=n_test,
                        history={k: [float(v) for v in vals]
                                 for k, vals in history.history.items()},
                        seconds={k: round(v, 3) for k, v in seconds.items()})

@@ -3,7 +3,8 @@
     python -m stages.train covid_normal      (or covid_pneumonia)
 
 Outputs: models/<model>.keras + models/<model>.json (sidecar: class order, threshold, OOD stats),
-metrics/train/<model>/ (dvclive: per-epoch loss/accuracy for train and test, summary metrics).
+metrics/train/<model>/ (dvclive: per-epoch loss/accuracy on the training rows and the val split,
+summary metrics), data/predictions/<model>/ (scores and Grad-CAM maps of every cached image).
 """
 
 from __future__ import annotations

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from test_features import featurized_project
 
 from covid_xray.config import Paths
 from covid_xray.features import FeatureStore
 from covid_xray.imaging import prepare_file
 from covid_xray.io import PipelineError
-from covid_xray.modeling import Classifier
+from covid_xray.modeling import Classifier, ModelLoadError
 from covid_xray.params import load_params
-from covid_xray.scores import Predictions
+from covid_xray.scores import Predictions, covid_labels
 from covid_xray.splitting import read_split
-from covid_xray.training import choose_threshold, train_model
+from covid_xray.training import choose_threshold, one_hot, train_model
 
 # ---------------------------------------------------------------------------------------------
 # Threshold rules (pure functions)
@@ -131,6 +133,37 @@ def test_saved_full_model_scores_like_the_head_on_cached_features(trained: Paths
     assert stored.cams.shape == (len(originals), 1, 1) and (stored.cams >= 0).all()
 
 
+def test_per_epoch_eval_curves_are_the_val_split_never_the_test_split(trained: Paths) -> None:
+    """Keras's validation data is the val carve-out: dvclive's last ``eval`` row is the saved
+    model's loss and accuracy on the val images, not on the test images (which only the evaluate
+    stage scores, once, from the predictions written after training).
+
+    The saved head is evaluated by Keras itself on the cached features, with the training
+    stage's loss: Keras computes binary cross-entropy of a softmax output from the softmax's
+    logits (``_keras_logits``), so the stored probabilities alone cannot reproduce the number.
+    """
+    curves = trained.metrics / "train" / "covid_normal" / "plots" / "metrics" / "eval"
+    eval_loss = float(pd.read_csv(curves / "loss.tsv", sep="\t")["loss"].iloc[-1])
+    eval_accuracy = float(pd.read_csv(curves / "accuracy.tsv", sep="\t")["accuracy"].iloc[-1])
+    head = Classifier.load(trained.model_file("covid_normal")).model.get_layer("head")
+    head.compile(loss="binary_crossentropy", metrics=["accuracy"])
+    store = FeatureStore.open(trained.features)
+    split = read_split(trained.split_file("covid_normal"), "covid_normal")
+
+    def loss_and_accuracy(side: str) -> tuple[float, float]:
+        part = split[split["split"] == side]
+        rows, owner = store.rows(part["sha256"].tolist())
+        result = head.evaluate(store.take(rows), one_hot(covid_labels(part["label"])[owner]),
+                               verbose=0, return_dict=True)
+        return float(result["loss"]), float(result["accuracy"])
+
+    val_loss, val_accuracy = loss_and_accuracy("val")
+    test_loss, _ = loss_and_accuracy("test")
+    assert eval_loss == pytest.approx(val_loss, abs=1e-5)  # float32 sums in other batches
+    assert eval_accuracy == pytest.approx(val_accuracy, abs=1e-6)
+    assert abs(eval_loss - test_loss) > 1e-3  # the test split's loss is another number
+
+
 def test_two_runs_give_identical_metrics_and_weights(featurized: Paths) -> None:
     params = load_params(featurized.params)
     first = train_model("covid_pneumonia", featurized, params, verbose=0)
@@ -194,3 +227,54 @@ def test_bad_inputs_are_clear_errors(featurized: Paths, tmp_path: Path) -> None:
                                                          "pool_size": 2})})
     with pytest.raises(PipelineError, match="re-run featurize"):
         train_model("covid_normal", featurized, stale, verbose=0)
+
+
+def test_sidecars_swapped_between_two_trained_runs_are_refused(
+        trained: Paths, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two real runs of covid_pneumonia (threshold rule youden vs argmax, so the sidecars carry
+    different thresholds); a .keras file beside the other run's sidecar used to load with the
+    wrong threshold. Now the loader, the app and the CLI refuse the pair, naming both files."""
+    from covid_xray.cli import main as cli_main
+    from covid_xray.serving.app import create_app
+
+    raw = yaml.safe_load(trained.params.read_text())
+    raw["threshold"]["rule"] = "argmax"
+    argmax_file = tmp_path / "params-argmax.yaml"
+    argmax_file.write_text(yaml.safe_dump(raw))
+    runs: dict[str, Path] = {}
+    for rule, params in (("youden", load_params(trained.params)),
+                         ("argmax", load_params(argmax_file))):
+        result = train_model("covid_pneumonia", trained, params, verbose=0)
+        folder = tmp_path / rule
+        folder.mkdir()
+        for name in ("covid_normal", "covid_pneumonia"):
+            for ext in (".keras", ".json"):
+                shutil.copy(trained.model_file(name).with_suffix(ext), folder / f"{name}{ext}")
+        assert Classifier.load(folder / "covid_pneumonia.keras").info.threshold == \
+            result.threshold.threshold  # each run's own pair loads
+        runs[rule] = folder
+    assert Classifier.load(runs["argmax"] / "covid_pneumonia.keras").info.threshold == 0.5
+    assert Classifier.load(runs["youden"] / "covid_pneumonia.keras").info.threshold != 0.5
+
+    youden_sidecar = (runs["youden"] / "covid_pneumonia.json").read_bytes()
+    (runs["youden"] / "covid_pneumonia.json").write_bytes(
+        (runs["argmax"] / "covid_pneumonia.json").read_bytes())
+    (runs["argmax"] / "covid_pneumonia.json").write_bytes(youden_sidecar)
+    image = trained.datasets / split_path(trained, "covid_pneumonia", "test")
+    for folder in runs.values():
+        model, sidecar = folder / "covid_pneumonia.keras", folder / "covid_pneumonia.json"
+        with pytest.raises(ModelLoadError) as caught:
+            Classifier.load(model)
+        assert str(model) in str(caught.value) and str(sidecar) in str(caught.value)
+        assert "dvc repro train@covid_pneumonia" in str(caught.value)
+        with pytest.raises(ModelLoadError, match="not from the same training run"):
+            create_app({"MODELS_DIR": str(folder)})
+        assert cli_main(["predict", str(image), "--models-dir", str(folder)]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1  # one line, no verdict printed
+        assert str(model) in err and str(sidecar) in err
+
+
+def split_path(paths: Paths, model_name: str, side: str) -> str:
+    split = read_split(paths.split_file(model_name), model_name)
+    return str(split.loc[split["split"] == side, "path"].iloc[0])
