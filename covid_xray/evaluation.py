@@ -3,7 +3,9 @@
 Every verdict uses the model's stored operating threshold (``models/<model>.json``), never 0.5 by
 habit. Metrics count COVID as the positive class: sensitivity = COVID recall, specificity = recall
 of the negative class. The test splits are tiny (tens of images), so each metric comes with a
-stratified bootstrap 95% interval: read the interval, not the point.
+bootstrap 95% interval, stratified by class and resampling patients with all their images (the
+split is by patient; images of one patient are not independent): read the interval, not the
+point.
 
 Scores come from ``data/predictions/<model>/`` (:mod:`covid_xray.scores`): the saved head on the
 cached backbone features of every image (test split, held-out sets, external sets), which is the
@@ -24,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths, class_names
-from covid_xray.datasets import EXTERNAL_LABELS, external_sets
+from covid_xray.datasets import EXTERNAL_LABELS, external_sets, kermany_patient_id
 from covid_xray.gradcam import heatmap_from_cam, overlay
 from covid_xray.imaging import ImageDecodeError, load_image, resize_square
 from covid_xray.io import PipelineError, atomic_dir, write_csv, write_json, write_text
@@ -40,57 +42,51 @@ METRIC_NAMES: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "prec
 HELDOUT_SETS: tuple[str, ...] = ("heldout", "kermany_test")
 SMALL_SAMPLE_NOTE = (
     "Test and held-out sets are small (see n_*): one image moves a metric by several points. "
-    "Intervals are stratified bootstrap 95% percentile intervals over images (not patients), "
-    "so they are if anything too narrow. High scores here may reflect the data SOURCE (adult "
-    "COVID images from papers vs paediatric Kermany images), not disease: compare the external "
-    "sets.")
+    "Intervals are stratified bootstrap 95% percentile intervals that resample patients with "
+    "all their images (bootstrap_unit: patient), as the split is by patient; where patients "
+    "are unknown (bootstrap_unit: image) they resample images and may be too narrow. High "
+    "scores here may reflect the data SOURCE (adult COVID images from papers vs paediatric "
+    "Kermany images), not disease: compare the external sets.")
 
 
 # ---------------------------------------------------------------------------------------------
 # Metrics
 
 
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks (1-based) along the last axis of a ``(B, n)`` array, ties sharing their average rank.
+def _weighted_metrics(is_covid: np.ndarray, scores: np.ndarray, threshold: float,
+                      weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric once per row of ``weights`` ``(B, n)``: how often each image counts in that
+    (re)sample (all ones: the set itself). NaN where a metric is undefined.
 
-    ``scipy.stats.rankdata(values, axis=1)`` in plain NumPy: importing scipy.stats costs about a
-    second per stage process, more than all the bootstrap arithmetic here.
+    Weights instead of gathered copies let a resample hold whole patients of any size, and the
+    score order is the same in every resample, so ROC AUC (Mann-Whitney, ties counting half)
+    needs one sort, not one per resample.
     """
-    values = np.asarray(values)
-    n = values.shape[-1]
-    order = np.argsort(values, axis=-1, kind="stable")
-    ordered = np.take_along_axis(values, order, axis=-1)
-    position = np.broadcast_to(np.arange(n), values.shape)
-    starts = np.ones(values.shape, dtype=bool)
-    starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
-    ends = np.ones(values.shape, dtype=bool)
-    ends[..., :-1] = starts[..., 1:]
-    first = np.maximum.accumulate(np.where(starts, position, 0), axis=-1)
-    last = np.flip(np.minimum.accumulate(np.flip(np.where(ends, position, n), axis=-1), axis=-1),
-                   axis=-1)
-    ranks = np.empty(values.shape, dtype=np.float64)
-    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=-1)
-    return ranks
-
-
-def _metric_arrays(is_covid: np.ndarray, scores: np.ndarray, threshold: float
-                   ) -> dict[str, np.ndarray]:
-    """All metrics for a batch of samples (rows of ``(B, n)`` arrays); NaN where undefined."""
-    y = is_covid.astype(bool)
+    y = np.asarray(is_covid).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
     predicted = scores >= threshold
-    tp = (predicted & y).sum(axis=1).astype(np.float64)
-    fp = (predicted & ~y).sum(axis=1).astype(np.float64)
-    fn = (~predicted & y).sum(axis=1).astype(np.float64)
-    tn = (~predicted & ~y).sum(axis=1).astype(np.float64)
+    tp, fp = w[:, predicted & y].sum(axis=1), w[:, predicted & ~y].sum(axis=1)
+    fn, tn = w[:, ~predicted & y].sum(axis=1), w[:, ~predicted & ~y].sum(axis=1)
     n_pos, n_neg = tp + fn, tn + fp
 
     def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+            return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
-    ranks = average_ranks(scores)  # average ranks for ties: the Mann-Whitney AUC
-    rank_sum = np.where(y, ranks, 0.0).sum(axis=1)
-    auc = ratio(rank_sum - n_pos * (n_pos + 1) / 2.0, n_pos * n_neg)
+    if len(scores) == 0:
+        auc = np.full(len(w), np.nan)
+    else:
+        order = np.argsort(scores, kind="stable")
+        ordered, w_sorted, y_sorted = scores[order], w[:, order], y[order]
+        last_of_value = np.r_[np.flatnonzero(np.diff(ordered)), len(ordered) - 1]
+
+        def per_score(values: np.ndarray) -> np.ndarray:  # weight per distinct score
+            return np.diff(np.cumsum(values, axis=1)[:, last_of_value], axis=1, prepend=0.0)
+
+        pos, neg = per_score(w_sorted * y_sorted), per_score(w_sorted * ~y_sorted)
+        below = np.cumsum(neg, axis=1) - neg
+        auc = ratio((pos * (below + 0.5 * neg)).sum(axis=1), n_pos * n_neg)
     return {
         "accuracy": ratio(tp + tn, n_pos + n_neg),
         "sensitivity": ratio(tp, n_pos),
@@ -109,27 +105,56 @@ def _clean(value: float) -> float | None:
 def binary_metrics(is_covid: np.ndarray, scores: np.ndarray, threshold: float
                    ) -> dict[str, float | None]:
     """Accuracy, sensitivity, specificity, precision, F1 and ROC AUC at ``threshold``."""
-    arrays = _metric_arrays(np.asarray(is_covid)[np.newaxis], np.asarray(scores)[np.newaxis],
-                            threshold)
+    arrays = _weighted_metrics(is_covid, scores, threshold, np.ones((1, len(scores))))
     return {name: _clean(arrays[name][0]) for name in METRIC_NAMES}
 
 
-def bootstrap_cis(is_covid: np.ndarray, scores: np.ndarray, threshold: float, resamples: int,
-                  seed: int, level: float = 0.95) -> dict[str, list[float] | None]:
-    """Percentile bootstrap intervals, resampling images within each class (stratified).
+def cluster_codes(patients: Sequence[Any] | np.ndarray) -> np.ndarray:
+    """Patient id per image -> cluster number 0..k-1 in order of first appearance.
 
-    Stratified so every resample keeps the set's class counts and sensitivity/specificity/AUC stay
-    defined; ``None`` where a metric is undefined or ``resamples`` is 0.
+    First appearance, not sorted ids: with one image per patient, cluster i is image i, so the
+    patient bootstrap draws exactly what the image bootstrap draws. An empty id is its own
+    patient (never lumps unrelated images together).
+    """
+    ids = [("unknown patient", i) if value is None or value == "" or value != value else value
+           for i, value in enumerate(np.asarray(patients, dtype=object).tolist())]
+    codes, _ = pd.factorize(pd.Series(ids, dtype=object))
+    return codes.astype(np.int64)
+
+
+def bootstrap_cis(is_covid: np.ndarray, scores: np.ndarray, threshold: float, resamples: int,
+                  seed: int, patients: Sequence[Any] | np.ndarray | None = None,
+                  level: float = 0.95) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals, resampling patients (all their images) within each class.
+
+    ``patients``: a patient id per image (None: each image is its own patient, the image-level
+    bootstrap). The split keeps a patient's images together, so images of one patient are not
+    independent draws; resampling them one by one understates the spread. Stratified by the
+    patients' class (a patient with both classes forms a third stratum), so every resample keeps
+    the set's patient counts per class and sensitivity/specificity/AUC stay defined. ``None``
+    where a metric is undefined or ``resamples`` is 0.
     """
     is_covid = np.asarray(is_covid, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float64)
     if resamples <= 0 or len(scores) == 0:
         return {name: None for name in METRIC_NAMES}
+    codes = cluster_codes(np.arange(len(scores)) if patients is None else patients)
+    if len(codes) != len(scores):
+        raise ValueError(f"{len(codes)} patient ids for {len(scores)} scores")
+    n_clusters = int(codes.max()) + 1
+    images = np.bincount(codes, minlength=n_clusters)
+    covid = np.bincount(codes, weights=is_covid, minlength=n_clusters)
+    stratum = np.where(covid == images, 1, np.where(covid == 0, 0, 2))
     rng = np.random.default_rng(seed)
-    parts = [rng.choice(np.flatnonzero(is_covid == c), size=(resamples, int((is_covid == c).sum())))
-             for c in (1, 0) if (is_covid == c).any()]
-    index = np.concatenate(parts, axis=1)
-    arrays = _metric_arrays(is_covid[index], scores[index], threshold)
+    offsets = (np.arange(resamples) * n_clusters)[:, np.newaxis]
+    counts = np.zeros(resamples * n_clusters, dtype=np.int64)
+    for group in (1, 0, 2):  # COVID first: the order the image-level bootstrap always drew in
+        members = np.flatnonzero(stratum == group)
+        if members.size:
+            draws = rng.choice(members, size=(resamples, members.size))
+            counts += np.bincount((draws + offsets).ravel(), minlength=counts.size)
+    weights = counts.reshape(resamples, n_clusters)[:, codes]
+    arrays = _weighted_metrics(is_covid, scores, threshold, weights)
     tail = (1.0 - level) / 2.0 * 100.0
     out: dict[str, list[float] | None] = {}
     for name in METRIC_NAMES:
@@ -143,21 +168,29 @@ def bootstrap_cis(is_covid: np.ndarray, scores: np.ndarray, threshold: float, re
 
 
 def metrics_with_ci(is_covid: np.ndarray, scores: np.ndarray, threshold: float, resamples: int,
-                    seed: int) -> dict[str, Any]:
-    """``{metric: value, metric_ci_low, metric_ci_high, n, n_covid, n_negative}`` for one set.
+                    seed: int, patients: Sequence[Any] | np.ndarray | None = None
+                    ) -> dict[str, Any]:
+    """``{metric: value, metric_ci_low, metric_ci_high, n, n_covid, n_negative, bootstrap_unit,
+    bootstrap_units}`` for one set.
 
-    The interval is two scalar keys, not a list: `dvc metrics show/diff` and `dvc exp show`
-    drop list values, and an interval nobody sees is no use.
+    ``bootstrap_unit`` says what the intervals resampled: ``patient`` (``patients`` given) or
+    ``image``; ``bootstrap_units`` how many of them the set has. The interval is two scalar
+    keys, not a list: `dvc metrics show/diff` and `dvc exp show` drop list values, and an
+    interval nobody sees is no use.
     """
     is_covid = np.asarray(is_covid, dtype=np.int64)
+    unit = "image" if patients is None else "patient"
     if len(is_covid) == 0:
-        return {"n": 0, "n_covid": 0, "n_negative": 0,
+        return {"n": 0, "n_covid": 0, "n_negative": 0, "bootstrap_unit": unit,
+                "bootstrap_units": 0,
                 **{key: None for name in METRIC_NAMES
                    for key in (name, f"{name}_ci_low", f"{name}_ci_high")}}
     point = binary_metrics(is_covid, scores, threshold)
-    cis = bootstrap_cis(is_covid, scores, threshold, resamples, seed)
+    cis = bootstrap_cis(is_covid, scores, threshold, resamples, seed, patients=patients)
+    units = len(is_covid) if patients is None else int(cluster_codes(patients).max()) + 1
     out: dict[str, Any] = {"n": len(is_covid), "n_covid": int(is_covid.sum()),
-                           "n_negative": int(len(is_covid) - is_covid.sum())}
+                           "n_negative": int(len(is_covid) - is_covid.sum()),
+                           "bootstrap_unit": unit, "bootstrap_units": units}
     for name in METRIC_NAMES:
         out[name] = point[name]
         interval = cis[name] or [None, None]
@@ -263,7 +296,9 @@ def report_text(model_name: str, is_covid: np.ndarray, scores: np.ndarray,
     table = classification_table(actual, predicted, [POSITIVE_CLASS, negative], digits=4)
     lines = [f"{model_name}: test split, threshold {threshold:.4f} (COVID if score >= threshold)",
              f"images: {metrics['n']} ({metrics['n_covid']} covid, {metrics['n_negative']} "
-             f"{negative})", "", table, "95% bootstrap intervals:"]
+             f"{negative})", "", table,
+             f"95% bootstrap intervals (resampling {metrics['bootstrap_units']} "
+             f"{metrics['bootstrap_unit']}s):"]
     for name in METRIC_NAMES:
         ci = ci_of(metrics, name)
         value = metrics[name]
@@ -279,10 +314,11 @@ def report_text(model_name: str, is_covid: np.ndarray, scores: np.ndarray,
 
 @dataclass
 class ScoredSet:
-    """Scores of one set of images under one model."""
+    """Scores of one set of images under one model, with each image's patient."""
 
     is_covid: np.ndarray
     scores: np.ndarray
+    patients: np.ndarray
 
 
 @dataclass
@@ -319,7 +355,8 @@ def score_split(model: TrainedModel, split: pd.DataFrame, name: str = "test") ->
                             f"{example}); the predictions and the split disagree: re-run "
                             "`dvc repro`")
     return ScoredSet(is_covid=covid_labels(part["label"]),
-                     scores=model.predictions.scores_at(where))
+                     scores=model.predictions.scores_at(where),
+                     patients=part["patient_id"].to_numpy(dtype=object))
 
 
 def evaluate_model(paths: Paths, params: Params, model_name: str
@@ -333,7 +370,7 @@ def evaluate_model(paths: Paths, params: Params, model_name: str
                             "check split.test_size")
     threshold = model.threshold
     metrics = metrics_with_ci(scored.is_covid, scored.scores, threshold,
-                              params.validate.bootstrap, params.seed)
+                              params.validate.bootstrap, params.seed, patients=scored.patients)
     metrics.update({"threshold": threshold,
                     "threshold_rule": model.info.params.get("threshold", {}).get("rule"),
                     "n_test": metrics["n"], "bootstrap_resamples": params.validate.bootstrap})
@@ -427,34 +464,57 @@ def _safe_name(text: str) -> str:
     return keep[:80] or "image"
 
 
+def file_patient_id(path: str) -> str:
+    """The patient of an external file where its name encodes one (Kermany's ``person12_...``,
+    ``IM-0115-...`` patterns), else ``""`` (unknown: the file counts as its own patient)."""
+    name = Path(path).name
+    derived = kermany_patient_id(name)
+    return "" if derived == f"kermany-{Path(name).stem}" else derived
+
+
 def scored_sets(paths: Paths, manifest: pd.DataFrame,
                 externals: dict[str, pd.DataFrame]) -> dict[str, tuple[str, pd.DataFrame]]:
-    """``{set key: (kind, rows with path/label/sha256)}`` of every set validate scores.
+    """``{set key: (kind, rows with path/label/sha256/patient_id)}`` of every set validate scores.
 
     Kinds: ``heldout`` (held-out and Kermany test folders) or ``external:<name>``. Paths are made
-    absolute (external ones already are), sorted for a stable order.
+    absolute (external ones already are), sorted for a stable order. Patients come from the
+    manifest; for external files from their names where derivable, else ``""`` (unknown).
     """
     out: dict[str, tuple[str, pd.DataFrame]] = {}
     for key, rows in heldout_groups(manifest).items():
-        rows = rows[["path", "label", "sha256"]].copy()
+        rows = rows[["path", "label", "sha256", "patient_id"]].copy()
         rows["path"] = [str(paths.datasets / p) for p in rows["path"]]
         out[key] = ("heldout", rows.reset_index(drop=True))
     for name, files in externals.items():
         for label in EXTERNAL_LABELS:
-            rows = files[files["label"] == label]
+            rows = files[files["label"] == label].sort_values("path").reset_index(drop=True)
             if len(rows):
-                out[f"external_{name}_{label}"] = (f"external:{name}",
-                                                   rows.sort_values("path").reset_index(drop=True))
+                rows["patient_id"] = [file_patient_id(path) for path in rows["path"]]
+                out[f"external_{name}_{label}"] = (f"external:{name}", rows)
     return out
 
 
-def _union_metrics(pooled: dict[str, tuple[list[np.ndarray], list[np.ndarray]]], kind: str,
-                   threshold: float, resamples: int, seed: int) -> dict[str, Any]:
-    """Metrics with CIs on the union of one kind's sets (labels, scores collected per set)."""
-    ys, ss = pooled.get(kind, ([], []))
-    y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
-    v = np.concatenate(ss) if ss else np.zeros(0)
-    return metrics_with_ci(y, v, threshold, resamples, seed)
+@dataclass
+class _Pooled:
+    """Labels, scores and patients of the sets of one kind, collected set by set."""
+
+    labels: list[np.ndarray]
+    scores: list[np.ndarray]
+    patients: list[np.ndarray]
+
+
+def _union_metrics(pooled: dict[str, _Pooled], kind: str, threshold: float, resamples: int,
+                   seed: int) -> dict[str, Any]:
+    """Metrics with CIs on the union of one kind's sets, resampling patients where any is known
+    (a file without one is its own patient), images where none is."""
+    part = pooled.get(kind)
+    if part is None:
+        return metrics_with_ci(np.zeros(0, dtype=np.int64), np.zeros(0), threshold, resamples,
+                               seed)
+    patients = np.concatenate(part.patients)
+    known = any(patient != "" for patient in patients)
+    return metrics_with_ci(np.concatenate(part.labels), np.concatenate(part.scores), threshold,
+                           resamples, seed, patients=patients if known else None)
 
 
 def validate(paths: Paths, params: Params) -> dict[str, Any]:
@@ -489,7 +549,7 @@ def validate(paths: Paths, params: Params) -> dict[str, Any]:
         rows_out: list[tuple[str, str, float]] = []
         jobs: list[tuple[str, Path, np.ndarray, float]] = []
         sets: dict[str, Any] = {}
-        pooled: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        pooled: dict[str, _Pooled] = {}
         for key, (kind, rows) in sets_to_score.items():
             where = model.predictions.positions(rows["sha256"].tolist())
             present, where = rows[where >= 0], where[where >= 0]
@@ -499,9 +559,10 @@ def validate(paths: Paths, params: Params) -> dict[str, Any]:
             rows_out.extend((key, label, round(float(v), 6))
                             for label, v in zip(labels, scores, strict=True))
             if labels.size and labels[0] in relevant:
-                ys, ss = pooled.setdefault(kind, ([], []))
-                ys.append(covid_labels(labels))
-                ss.append(scores)
+                collected = pooled.setdefault(kind, _Pooled([], [], []))
+                collected.labels.append(covid_labels(labels))
+                collected.scores.append(scores)
+                collected.patients.append(present["patient_id"].to_numpy(dtype=object))
                 jobs.extend((key, Path(present["path"].iloc[i]),
                              model.predictions.cams[where[i]], float(scores[i]))
                             for i in range(min(params.validate.gradcam_images, len(present))))
@@ -517,7 +578,8 @@ def validate(paths: Paths, params: Params) -> dict[str, Any]:
             "heldout": _union_metrics(pooled, "heldout", threshold, resamples, seed),
             "external": {name: _union_metrics(pooled, f"external:{name}", threshold, resamples,
                                               seed) for name in externals},
-            "test": metrics_with_ci(test.is_covid, test.scores, threshold, resamples, seed),
+            "test": metrics_with_ci(test.is_covid, test.scores, threshold, resamples, seed,
+                                    patients=test.patients),
         }
         score_rows[model_name] = rows_out
         gradcam_jobs[model_name] = jobs

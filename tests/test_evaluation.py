@@ -18,10 +18,10 @@ from covid_xray.config import MODEL_NAMES, Paths
 from covid_xray.datasets import external_files
 from covid_xray.evaluation import (
     METRIC_NAMES,
-    average_ranks,
     binary_metrics,
     bootstrap_cis,
     classification_table,
+    file_patient_id,
     metrics_with_ci,
     roc_points,
     score_bin,
@@ -52,19 +52,19 @@ def test_metrics_match_hand_counts_and_sklearn() -> None:
     assert lower["sensitivity"] == 1.0 and lower["specificity"] < m["specificity"]
 
 
-def test_numpy_ranks_roc_and_report_equal_scipy_and_sklearn() -> None:
-    """The stages avoid importing scipy.stats/sklearn (seconds per process); the NumPy versions
-    must give exactly what those libraries give, ties included."""
-    from scipy.stats import rankdata
+def test_numpy_auc_roc_and_report_equal_sklearn() -> None:
+    """The stages avoid importing sklearn (seconds per process); the NumPy versions must give
+    exactly what it gives, ties included."""
     from sklearn.metrics import classification_report, roc_curve
 
     rng = np.random.default_rng(3)
     for _ in range(100):
         n = int(rng.integers(2, 40))
         values = np.round(rng.random((4, n)), 1)  # many ties
-        np.testing.assert_array_equal(average_ranks(values), rankdata(values, axis=1))
         y = rng.integers(0, 2, n)
         y[:2] = [0, 1]
+        assert binary_metrics(y, values[2], 0.5)["roc_auc"] == pytest.approx(
+            roc_auc_score(y, values[2]), abs=1e-6)
         for ours, theirs in zip(roc_points(y, values[0]),
                                 roc_curve(y, values[0], drop_intermediate=False), strict=True):
             np.testing.assert_allclose(ours, theirs)
@@ -117,6 +117,84 @@ def test_bootstrap_intervals_are_seeded_stratified_and_shrink_with_n() -> None:
     assert rare["sensitivity"] == [1.0, 1.0] and rare["roc_auc"] == [1.0, 1.0]
 
 
+def _auc_pairs(pos: np.ndarray, neg: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mann-Whitney AUC of every resample (last axis = images), straight from its definition."""
+    greater = (pos[..., :, np.newaxis] > neg[..., np.newaxis, :]).mean(axis=(-2, -1))
+    tied = (pos[..., :, np.newaxis] == neg[..., np.newaxis, :]).mean(axis=(-2, -1))
+    return greater + 0.5 * tied
+
+
+def test_image_level_intervals_equal_scipy_bootstrap_percentile() -> None:
+    """Fixed data, the same generator and seed: scipy.stats.bootstrap resamples each sample
+    (COVID scores, then negative scores) independently with ``rng.integers(0, n, (B, n))``,
+    which is what our class-stratified image bootstrap draws, so the percentile intervals must
+    agree to the 1e-6 rounding of the metrics files, not just statistically."""
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(11)
+    pos = np.round(np.clip(rng.normal(0.65, 0.2, 23), 0, 1), 2)  # rounded: ties across classes
+    neg = np.round(np.clip(rng.normal(0.4, 0.2, 31), 0, 1), 2)
+    y = np.r_[np.ones(len(pos), int), np.zeros(len(neg), int)]
+    scores = np.r_[pos, neg]
+    threshold, resamples, seed = 0.5, 2000, 5
+    ours = bootstrap_cis(y, scores, threshold, resamples, seed)
+    statistics = {
+        "sensitivity": lambda p, n, axis: (p >= threshold).mean(axis=axis),
+        "specificity": lambda p, n, axis: (n < threshold).mean(axis=axis),
+        "accuracy": lambda p, n, axis: ((p >= threshold).sum(axis=axis)
+                                        + (n < threshold).sum(axis=axis)) / (len(pos) + len(neg)),
+        "roc_auc": lambda p, n, axis: _auc_pairs(p, n),
+    }
+    for name, statistic in statistics.items():
+        theirs = bootstrap((pos, neg), statistic, paired=False, vectorized=True,
+                           n_resamples=resamples, method="percentile",
+                           rng=np.random.default_rng(seed)).confidence_interval
+        assert ours[name] == pytest.approx([theirs.low, theirs.high], abs=1e-6), name
+
+
+def test_one_image_per_patient_gives_the_image_level_intervals() -> None:
+    rng = np.random.default_rng(2)
+    y = rng.permutation(np.repeat([1, 0], [17, 25]))
+    scores = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    patients = [f"patient-{code}" for code in rng.permutation(1000)[:len(y)]]  # unsorted ids
+    assert bootstrap_cis(y, scores, 0.5, 500, seed=3, patients=patients) == \
+        bootstrap_cis(y, scores, 0.5, 500, seed=3)
+
+
+def test_patient_intervals_are_wider_when_a_patients_images_agree() -> None:
+    """Six images per patient with near-identical scores carry about one patient's worth of
+    information: resampling the images one by one pretends they are six times as many."""
+    rng = np.random.default_rng(4)
+    n_patients, per_patient = 16, 6
+    y_patient = np.repeat([1, 0], n_patients // 2)
+    effect = np.clip(rng.normal(0.4 + 0.25 * y_patient, 0.2), 0, 1)
+    y = np.repeat(y_patient, per_patient)
+    scores = np.clip(np.repeat(effect, per_patient) + rng.normal(0, 0.01, len(y)), 0, 1)
+    patients = np.repeat([f"p{i}" for i in range(n_patients)], per_patient)
+    by_patient = bootstrap_cis(y, scores, 0.5, 1000, seed=0, patients=patients)
+    by_image = bootstrap_cis(y, scores, 0.5, 1000, seed=0)
+    for name in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+        wide = by_patient[name][1] - by_patient[name][0]
+        narrow = by_image[name][1] - by_image[name][0]
+        assert wide > 1.5 * narrow, (name, by_patient[name], by_image[name])
+    with_unit = metrics_with_ci(y, scores, 0.5, 200, 0, patients=patients)
+    assert (with_unit["bootstrap_unit"], with_unit["bootstrap_units"]) == ("patient", 16)
+    assert metrics_with_ci(y, scores, 0.5, 200, 0)["bootstrap_unit"] == "image"
+
+
+def test_patients_with_both_classes_and_unknown_patients() -> None:
+    y = np.array([1, 0, 1, 1, 0, 0, 1, 0])
+    scores = np.array([0.9, 0.2, 0.8, 0.7, 0.3, 0.6, 0.4, 0.1])
+    mixed = ["a", "a", "b", "c", "d", "e", "", ""]  # patient a has both; two unknown patients
+    cis = bootstrap_cis(y, scores, 0.5, 300, seed=1, patients=mixed)
+    point = binary_metrics(y, scores, 0.5)
+    for name in ("accuracy", "roc_auc"):
+        assert cis[name][0] <= point[name] <= cis[name][1]
+    assert metrics_with_ci(y, scores, 0.5, 50, 1, patients=mixed)["bootstrap_units"] == 7
+    assert file_patient_id("/x/person12_bacteria_3.jpeg") == "kermany-person12"
+    assert file_patient_id("/x/CR.1.2.840.113564.1.png") == ""  # unknown: its own patient
+
+
 # ---------------------------------------------------------------------------------------------
 # The stages on a tiny synthetic project
 
@@ -147,6 +225,9 @@ def test_evaluate_writes_metrics_plots_and_reports(trained: Paths) -> None:
             assert m[name] is not None
             assert m[f"{name}_ci_low"] <= m[f"{name}_ci_high"]
         assert m["roc_auc"] > 0.8 and m["accuracy"] > 0.7  # clearly above chance
+        test_rows = split[split["split"] == "test"]
+        assert m["bootstrap_unit"] == "patient"
+        assert m["bootstrap_units"] == test_rows["patient_id"].nunique()
         confusion = pd.read_csv(trained.plots / "evaluate" / f"{model}_confusion.csv")
         assert list(confusion.columns) == ["actual", "predicted"]
         assert len(confusion) == m["n_test"]
@@ -179,8 +260,11 @@ def test_validate_scores_heldout_and_external_sets(trained: Paths) -> None:
         assert m["heldout"]["n"] == 4 + 4 + 4  # covid + heldout negative + kermany_test negative
         assert m["heldout"]["n_covid"] == 4 and m["heldout"]["roc_auc"] > 0.8
         assert m["test"]["n"] > 0 and m["test"]["roc_auc_ci_low"] is not None
+        assert m["test"]["bootstrap_unit"] == m["heldout"]["bootstrap_unit"] == "patient"
+        assert m["heldout"]["bootstrap_units"] == 12  # one image per patient in this project
         ext = m["external"]["ext"]
         assert ext["n_covid"] == 6 and ext["n_negative"] == (6 if negative == "normal" else 0)
+        assert ext["bootstrap_unit"] == "image"  # ext-covid00.png: no patient in the name
         scores = pd.read_csv(trained.plots / "validate" / f"{model}_scores.csv")
         assert list(scores.columns) == ["set", "label", "score", "score_bin"]
         low = scores["score_bin"].str.slice(0, 3).astype(float)
