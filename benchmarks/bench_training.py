@@ -91,6 +91,7 @@ def worker_seed(root: Path) -> dict[str, Any]:
     from covid_xray.imaging import rotate
     from covid_xray.modeling import build_backbone, build_head, pooled_features
     from covid_xray.params import load_params
+    from covid_xray.training import LOSS
 
     params = load_params(root / "params.yaml")
     size = params.model.img_size
@@ -120,7 +121,7 @@ def worker_seed(root: Path) -> dict[str, Any]:
     inputs = keras.Input((size, size, 3))
     model = keras.Model(inputs, head(backbone(inputs, training=False)))
     model.compile(optimizer=keras.optimizers.Adam(params.train.init_lr),
-                  loss="binary_crossentropy", metrics=["accuracy"])
+                  loss=LOSS, metrics=["accuracy"])
     rng = np.random.default_rng(42)
     deg = params.train.rotation_deg
 

@@ -138,30 +138,28 @@ def test_per_epoch_eval_curves_are_the_val_split_never_the_test_split(trained: P
     model's loss and accuracy on the val images, not on the test images (which only the evaluate
     stage scores, once, from the predictions written after training).
 
-    The saved head is evaluated by Keras itself on the cached features, with the training
-    stage's loss: Keras computes binary cross-entropy of a softmax output from the softmax's
-    logits (``_keras_logits``), so the stored probabilities alone cannot reproduce the number.
+    Both are recomputed from the stored probabilities alone: the training loss is the
+    cross-entropy of the softmax probabilities (``training.LOSS``), -log p(true class).
     """
     curves = trained.metrics / "train" / "covid_normal" / "plots" / "metrics" / "eval"
     eval_loss = float(pd.read_csv(curves / "loss.tsv", sep="\t")["loss"].iloc[-1])
     eval_accuracy = float(pd.read_csv(curves / "accuracy.tsv", sep="\t")["accuracy"].iloc[-1])
-    head = Classifier.load(trained.model_file("covid_normal")).model.get_layer("head")
-    head.compile(loss="binary_crossentropy", metrics=["accuracy"])
-    store = FeatureStore.open(trained.features)
+    stored = Predictions.open(trained.predictions_dir("covid_normal"), "covid_normal")
     split = read_split(trained.split_file("covid_normal"), "covid_normal")
 
     def loss_and_accuracy(side: str) -> tuple[float, float]:
         part = split[split["split"] == side]
-        rows, owner = store.rows(part["sha256"].tolist())
-        result = head.evaluate(store.take(rows), one_hot(covid_labels(part["label"])[owner]),
-                               verbose=0, return_dict=True)
-        return float(result["loss"]), float(result["accuracy"])
+        covid = covid_labels(part["label"]).astype(bool)
+        score = stored.scores_at(stored.positions(part["sha256"].tolist()))
+        p_true = np.clip(np.where(covid, score, 1.0 - score), 1e-7, 1.0)
+        accuracy = float(np.mean((score > 0.5) == covid))  # Keras's argmax accuracy
+        return float(np.mean(-np.log(p_true))), accuracy
 
     val_loss, val_accuracy = loss_and_accuracy("val")
     test_loss, _ = loss_and_accuracy("test")
-    assert eval_loss == pytest.approx(val_loss, abs=1e-5)  # float32 sums in other batches
+    assert eval_loss == pytest.approx(val_loss, rel=1e-3)  # float32 sums in other batches
     assert eval_accuracy == pytest.approx(val_accuracy, abs=1e-6)
-    assert abs(eval_loss - test_loss) > 1e-3  # the test split's loss is another number
+    assert eval_loss != pytest.approx(test_loss, rel=2e-2)  # the test split's is another number
 
 
 def test_two_runs_give_identical_metrics_and_weights(featurized: Paths) -> None:
