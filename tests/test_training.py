@@ -22,7 +22,7 @@ from covid_xray.modeling import Classifier, ModelLoadError
 from covid_xray.params import load_params
 from covid_xray.scores import Predictions, covid_labels
 from covid_xray.splitting import read_split
-from covid_xray.training import choose_threshold, one_hot, train_model
+from covid_xray.training import choose_threshold, train_model
 
 # ---------------------------------------------------------------------------------------------
 # Threshold rules (pure functions)
