@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covid_xray.io import PipelineError, atomic_path, write_json
+from covid_xray.errors import PipelineError
+from covid_xray.io import atomic_path, write_json
 from covid_xray.model_info import (  # noqa: F401  (re-exported: the saved-model API)
     FORMAT_VERSION,
     PREPROCESSING,

@@ -16,13 +16,10 @@ from typing import Any
 import yaml
 
 from covid_xray.config import resolve_path
+from covid_xray.errors import ParamsError
 
 BACKBONES: tuple[str, ...] = ("vgg16", "mobilenetv2")
 THRESHOLD_RULES: tuple[str, ...] = ("youden", "target_sensitivity", "argmax")
-
-
-class ParamsError(ValueError):
-    """A params.yaml value is missing, of the wrong type, or out of range."""
 
 
 @dataclass(frozen=True)

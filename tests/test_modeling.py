@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covid_xray.io import PipelineError
+from covid_xray.errors import PipelineError
 from covid_xray.modeling import (
     Classifier,
     ModelInfo,

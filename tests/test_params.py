@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from covid_xray.params import ParamsError, load_params, parse_params
+from covid_xray.errors import ParamsError
+from covid_xray.params import load_params, parse_params
 
 
 def test_repository_params_are_valid_and_match_the_seed(repo_root: Path) -> None:
