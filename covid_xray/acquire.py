@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from covid_xray.config import Paths, resolve_path
 from covid_xray.demo import generate_demo
-from covid_xray.io import PipelineError, atomic_dir, sha256_file, write_json
+from covid_xray.errors import PipelineError
+from covid_xray.io import atomic_dir, sha256_file, write_json
 from covid_xray.params import Params
 
 log = logging.getLogger("acquire")

@@ -41,8 +41,8 @@ import numpy as np
 from tqdm import tqdm
 
 from covid_xray.config import MODEL_NAMES, Paths, resolve_path
+from covid_xray.errors import PipelineError
 from covid_xray.imaging import ImageDecodeError, load_image
-from covid_xray.io import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from covid_xray.errors import PipelineError
 from covid_xray.imaging import MAX_PIXELS_DEFAULT
-from covid_xray.io import PipelineError
 
 if TYPE_CHECKING:
     from covid_xray.predict import PredictionService

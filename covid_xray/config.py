@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from covid_xray.io import PipelineError
+from covid_xray.errors import PipelineError
 
 MODEL_NAMES: tuple[str, ...] = ("covid_normal", "covid_pneumonia")
 """The two classifiers of the seed: COVID vs NORMAL (model 1) and COVID vs PNEUMONIA (model 2)."""

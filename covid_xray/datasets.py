@@ -28,8 +28,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, resolve_path
+from covid_xray.errors import PipelineError
 from covid_xray.imaging import ImageDecodeError, decode_image, read_image_info
-from covid_xray.io import PipelineError, read_stage_csv, sha256_file, write_csv
+from covid_xray.io import read_stage_csv, sha256_file, write_csv
 from covid_xray.params import CopyParams
 
 log = logging.getLogger("covid_xray.datasets")

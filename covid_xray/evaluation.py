@@ -27,9 +27,10 @@ import pandas as pd
 
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths, class_names
 from covid_xray.datasets import EXTERNAL_LABELS, external_sets, kermany_patient_id
+from covid_xray.errors import PipelineError
 from covid_xray.gradcam import heatmap_from_cam, overlay
 from covid_xray.imaging import ImageDecodeError, load_image, resize_square
-from covid_xray.io import PipelineError, atomic_dir, write_csv, write_json, write_text
+from covid_xray.io import atomic_dir, write_csv, write_json, write_text
 from covid_xray.model_info import ModelInfo, info_path, read_model_info
 from covid_xray.params import Params
 from covid_xray.scores import Predictions, covid_labels

@@ -35,9 +35,9 @@ from tqdm import tqdm
 from covid_xray import splitting
 from covid_xray.config import Paths
 from covid_xray.datasets import external_sets
+from covid_xray.errors import PipelineError
 from covid_xray.imaging import ImageDecodeError, prepare_file
 from covid_xray.io import (
-    PipelineError,
     atomic_dir,
     read_json,
     require_stage_file,

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from covid_xray.errors import ParamsError, PipelineError
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -68,10 +70,6 @@ def _umask() -> int:
 
 _FILE_MODE = 0o666 & ~_umask()
 _DIR_MODE = 0o777 & ~_umask()
-
-
-class PipelineError(RuntimeError):
-    """A user-fixable problem (bad input file, missing column...). Printed without a traceback."""
 
 
 @contextlib.contextmanager
@@ -161,8 +159,6 @@ def run_stage(main: Callable[[], None], skip_teardown: bool = False) -> None:
     memory the operating system reclaims anyway; every output is written and renamed into place
     by then (atomic writes), and failures still exit the normal way.
     """
-    from covid_xray.params import ParamsError
-
     setup_logging()
     try:
         main()

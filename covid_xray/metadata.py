@@ -21,7 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from covid_xray.io import PipelineError, write_csv
+from covid_xray.errors import PipelineError
+from covid_xray.io import write_csv
 from covid_xray.params import SelectParams
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("patientid", "finding", "view", "modality", "date",

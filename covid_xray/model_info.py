@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from covid_xray.io import PipelineError
+from covid_xray.errors import PipelineError
 
 PREPROCESSING = "decode->RGB->resize(img_size, INTER_AREA when shrinking)->float32/255"
 FORMAT_VERSION = 1

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covid_xray.io import PipelineError, atomic_path, sha256_file, write_json
+from covid_xray.errors import PipelineError
+from covid_xray.io import atomic_path, sha256_file, write_json
 from covid_xray.model_info import (  # noqa: F401  (re-exported: the saved-model API)
     FORMAT_VERSION,
     PREPROCESSING,

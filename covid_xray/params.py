@@ -1,43 +1,120 @@
 """Reading and validating ``params.yaml``: the one place that knows every key.
 
-Stages call :func:`load_params` first, so a bad value (``train.dropout: 1.5``,
-``train.batch_size: 0``,
-an unknown backbone, a weights file that does not exist) stops the stage before any work, with a
-message that names the key, the value and what is allowed.
+The section classes below are the single source of truth for each key's type, default, allowed
+values and meaning; the README's parameter table is generated from them
+(``python -m covid_xray.params README.md``) and a test checks that the committed params.yaml holds
+their defaults. Stages call :func:`load_params` first, so an unknown key or section (a typo:
+``train.droput``), a bad value (``train.dropout: 1.5``), an unknown backbone or a weights file that
+does not exist stops the stage before any work, one line per problem naming the dotted key, the
+value and what is allowed.
+
+They are pydantic dataclasses rather than ``BaseModel``: two sections are named ``copy`` and
+``validate``, which would shadow BaseModel methods, and dataclasses keep ``dataclasses.asdict``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import re
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import (
+    AllowInfNan,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
 
 from covid_xray.config import resolve_path
+from covid_xray.errors import ParamsError
+from covid_xray.io import write_text
 
-BACKBONES: tuple[str, ...] = ("vgg16", "mobilenetv2")
-THRESHOLD_RULES: tuple[str, ...] = ("youden", "target_sensitivity", "argmax")
+Backbone = Literal["vgg16", "mobilenetv2"]
+ThresholdRule = Literal["youden", "target_sensitivity", "argmax"]
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 
+# YAML's 3 is a whole number, but 3.0, "3" and true are refused (strict); a number takes 3 or 0.3.
+Whole = StrictInt
+Number = Annotated[float, Strict(), AllowInfNan(False)]
 
-class ParamsError(ValueError):
-    """A params.yaml value is missing, of the wrong type, or out of range."""
-
-
-@dataclass(frozen=True)
-class DemoParams:
-    covid_patients: int = 70
-    kermany_train: int = 160
-    kermany_test: int = 30
-    max_side: int = 320
-    plant_artifact: bool = False
+_CONFIG = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclass(frozen=True)
-class DataParams:
-    source: str = "demo"
-    demo: DemoParams = field(default_factory=DemoParams)
+def _root(info: ValidationInfo) -> Path:
+    """The folder relative paths are taken from: params.yaml's own (load_params), else the cwd."""
+    return Path((info.context or {}).get("root") or Path.cwd())
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+@dataclass(config=_CONFIG)
+class _Section:
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, data: Any) -> Any:
+        """A section whose keys are all commented out is YAML null: it takes the defaults."""
+        return {} if data is None else data
+
+
+@dataclass(config=_CONFIG)
+class BaseParams(_Section):
+    seed: Whole = Field(42, ge=0, description="seeds every data-side random choice (demo data, "
+                                              "sampling, split, random backbone)")
+
+
+@dataclass(config=_CONFIG)
+class DemoParams(_Section):
+    covid_patients: Whole = Field(70, ge=6, le=100_000, description=(
+        "COVID patients of the synthetic data set (1-3 images each, some dated March 2020 or "
+        "later)"))
+    kermany_train: Whole = Field(160, ge=4, le=1_000_000, description=(
+        "synthetic NORMAL and PNEUMONIA images each in chest_xray/train"))
+    kermany_test: Whole = Field(30, ge=1, le=1_000_000, description=(
+        "synthetic NORMAL and PNEUMONIA images each in chest_xray/test"))
+    max_side: Whole = Field(320, ge=32, le=4096, description=(
+        "largest side of a synthetic image in pixels (real files are much larger)"))
+    plant_artifact: StrictBool = Field(False, description=(
+        "burn a source marker into every COVID image (to see the shortcut probe fire)"))
+
+
+@dataclass(config=_CONFIG)
+class DataParams(_Section):
+    source: StrictStr = Field("demo", description=(
+        "`demo` (synthetic, offline), `download` (both public archives) or a folder path holding "
+        "covid-chestxray-dataset/ and chest_xray/"))
+    demo: DemoParams = Field(default_factory=DemoParams)
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty: `demo`, `download` or a folder path")
+        if value not in ("demo", "download"):
+            folder = resolve_path(value, _root(info))
+            if not folder.is_dir():
+                raise ValueError(
+                    f"is {value!r}, which is neither `demo`, `download` nor an existing folder "
+                    f"({folder} not found). Point it at a folder holding covid-chestxray-dataset/ "
+                    "and chest_xray/.")
+        return value
 
     @property
     def source_kind(self) -> str:
@@ -45,277 +122,276 @@ class DataParams:
         return self.source if self.source in ("demo", "download") else "local"
 
 
-@dataclass(frozen=True)
-class SelectParams:
-    modalities: tuple[str, ...] = ("X-ray",)
-    views: tuple[str, ...] = ("PA",)
-    findings: tuple[str, ...] = ("COVID-19",)
-    heldout_from: str = "2020-03"
+def _string_list(value: Any) -> tuple[str, ...]:
+    """One string or a non-empty list of non-empty strings, stripped."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value or not all(
+            isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"must be a non-empty list of strings, got {value!r}")
+    return tuple(v.strip() for v in value)
 
 
-@dataclass(frozen=True)
-class CopyParams:
-    heldout_normal: int = 20
-    heldout_pneumonia: int = 20
-    max_per_class: int = 0
+@dataclass(config=_CONFIG)
+class SelectParams(_Section):
+    modalities: tuple[str, ...] = Field(("X-ray",), description="modalities kept (the seed's)")
+    views: tuple[str, ...] = Field(("PA",), description="views kept (the seed's)")
+    findings: tuple[str, ...] = Field(("COVID-19",), description=(
+        "findings kept, matched on the last `/` segment of `finding`, any case"))
+    heldout_from: StrictStr = Field("2020-03", description=(
+        "COVID images dated in or after this month (YYYY-MM) are held out"))
+
+    @field_validator("modalities", "views", "findings", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> tuple[str, ...]:
+        return _string_list(value)
+
+    @field_validator("heldout_from")
+    @classmethod
+    def _month(cls, value: str) -> str:
+        if not re.fullmatch(r"\d{4}-\d{2}", value) or not 1 <= int(value[5:]) <= 12:
+            raise ValueError(f"must be a month as YYYY-MM, got {value!r}")
+        return value
 
 
-@dataclass(frozen=True)
-class SplitParams:
-    test_size: float = 0.2
-    val_size: float = 0.2
-    group_by_patient: bool = True
+@dataclass(config=_CONFIG)
+class CopyParams(_Section):
+    heldout_normal: Whole = Field(20, ge=0, description=(
+        "Kermany NORMAL images held out for validation, never trained on"))
+    heldout_pneumonia: Whole = Field(20, ge=0, description=(
+        "Kermany PNEUMONIA images held out for validation, never trained on"))
+    max_per_class: Whole = Field(0, ge=0, description=(
+        "cap on training images per class (0: all COVID images, negatives balanced to them)"))
 
 
-@dataclass(frozen=True)
-class ModelParams:
-    backbone: str = "vgg16"
-    weights: str = "none"
-    img_size: int = 224
-    pool_size: int = 4
-    dense_nodes: int = 64
+@dataclass(config=_CONFIG)
+class SplitParams(_Section):
+    test_size: Number = Field(0.2, gt=0, lt=1, description=(
+        "share of each model's images in the test split (by patient)"))
+    val_size: Number = Field(0.2, ge=0, lt=1, description=(
+        "share of the remaining training patients kept aside to choose the threshold"))
+    group_by_patient: StrictBool = Field(True, description=(
+        "no patient on both sides of the split (false: the seed's image-level split)"))
 
 
-@dataclass(frozen=True)
-class FeaturizeParams:
-    augment_copies: int = 2
-    batch_size: int = 16
+@dataclass(config=_CONFIG)
+class ModelParams(_Section):
+    backbone: Backbone = Field("vgg16", description="frozen backbone without its top")
+    weights: StrictStr = Field("none", description=(
+        "`imagenet` (downloaded by Keras), `none` (seeded random) or a weights file path"))
+    img_size: Whole = Field(224, ge=32, le=1024, description="input size in pixels")
+    pool_size: Whole = Field(4, ge=1, le=32, description=(
+        "AveragePooling2D window on the backbone's feature map (at most img_size / 32)"))
+    dense_nodes: Whole = Field(64, ge=1, le=65_536, description=(
+        "units of the head's hidden Dense layer"))
+
+    @field_validator("backbone", mode="before")
+    @classmethod
+    def _backbone_case(cls, value: Any) -> Any:
+        return _lower(value)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: str, info: ValidationInfo) -> str:
+        if value.lower() in ("imagenet", "none"):
+            return value.lower()
+        path = resolve_path(value, _root(info))
+        if not value.strip() or not path.is_file():
+            raise ValueError(
+                f"is {value!r}: no such file ({path}). Use `imagenet` (needs internet or a "
+                "pre-placed file in ~/.keras/models), `none` (random frozen backbone), or the path "
+                "to a local weights file.")
+        return value
+
+    @field_validator("pool_size")
+    @classmethod
+    def _fits_feature_map(cls, value: int, info: ValidationInfo) -> int:
+        img_size = info.data.get("img_size")
+        if img_size is not None and value > img_size // 32:
+            raise ValueError(
+                f"{value} is larger than the backbone's feature map ({img_size // 32} px at "
+                f"model.img_size {img_size}); use at most {img_size // 32}")
+        return value
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    seed: int = 42
-    init_lr: float = 1e-3
-    epochs: int = 10
-    batch_size: int = 8
-    dropout: float = 0.5
-    rotation_deg: float = 15.0
+@dataclass(config=_CONFIG)
+class FeaturizeParams(_Section):
+    augment_copies: Whole = Field(2, ge=0, le=64, description=(
+        "rotated copies per training image, featurized once"))
+    batch_size: Whole = Field(16, ge=1, le=4096, description="images per backbone batch")
 
 
-@dataclass(frozen=True)
-class ThresholdParams:
-    rule: str = "youden"
-    sensitivity: float = 0.95
+@dataclass(config=_CONFIG)
+class TrainParams(_Section):
+    seed: Whole = Field(42, ge=0, description="weight initialisation and shuffling")
+    init_lr: Number = Field(1e-3, gt=0, le=10, description="Adam learning rate (the seed's)")
+    epochs: Whole = Field(10, ge=1, le=10_000, description="training epochs (the seed's)")
+    batch_size: Whole = Field(8, ge=1, le=65_536, description="batch size (the seed's)")
+    dropout: Number = Field(0.5, ge=0, lt=1, description="dropout before the softmax layer")
+    rotation_deg: Number = Field(15.0, ge=0, le=180, description=(
+        "rotation range of the augmentation copies in degrees"))
 
 
-@dataclass(frozen=True)
-class ValidateParams:
-    gradcam_images: int = 3
-    bootstrap: int = 1000
-    external: dict[str, str] = field(default_factory=dict)
+@dataclass(config=_CONFIG)
+class ThresholdParams(_Section):
+    rule: ThresholdRule = Field("youden", description=(
+        "`youden`, `target_sensitivity` or `argmax` (0.5, the seed's)"))
+    sensitivity: Number = Field(0.95, gt=0, le=1, description="target for `target_sensitivity`")
+
+    @field_validator("rule", mode="before")
+    @classmethod
+    def _rule_case(cls, value: Any) -> Any:
+        return _lower(value)
 
 
-@dataclass(frozen=True)
-class AuditParams:
-    fail_on_leak: bool = True
-    phash_max_distance: int = 4
+@dataclass(config=_CONFIG)
+class ValidateParams(_Section):
+    gradcam_images: Whole = Field(3, ge=0, le=1000, description=(
+        "Grad-CAM overlays per held-out set and model"))
+    bootstrap: Whole = Field(1000, ge=0, le=1_000_000, description=(
+        "bootstrap resamples for the 95% confidence intervals"))
+    external: dict[str, str] = Field(default_factory=dict, description=(
+        "external labelled sets, name: folder with covid/ normal/ pneumonia/ subfolders (none by "
+        "default; params.yaml lists the demo's, demo_external: data/raw/external)"))
+
+    @field_validator("external", mode="before")
+    @classmethod
+    def _external_shape(cls, value: Any) -> dict[str, str]:
+        """Only the shape: the folders are checked by the stages that read them (the demo's only
+        exists after acquire)."""
+        value = value or {}
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items()):
+            raise ValueError(f"must map a set name to a folder path (with covid/, normal/ or "
+                             f"pneumonia/ subfolders), got {value!r}")
+        return {name: folder.strip() for name, folder in value.items()}
 
 
-@dataclass(frozen=True)
-class ProbeParams:
-    auc_threshold: float = 0.8
-    folds: int = 5
+@dataclass(config=_CONFIG)
+class AuditParams(_Section):
+    fail_on_leak: StrictBool = Field(True, description=(
+        "stop the pipeline when sets that must be disjoint share patients or images"))
+    phash_max_distance: Whole = Field(4, ge=0, le=64, description=(
+        "perceptual-hash Hamming distance counted as a near-duplicate candidate"))
 
 
-@dataclass(frozen=True)
+@dataclass(config=_CONFIG)
+class ProbeParams(_Section):
+    auc_threshold: Number = Field(0.8, ge=0.5, le=1, description=(
+        "shortcut-probe AUC above which the stage warns (classes separable without the disease)"))
+    folds: Whole = Field(5, ge=2, le=50, description="shortcut-probe cross-validation folds")
+
+
+@dataclass(config=_CONFIG)
 class Params:
-    seed: int = 42
-    data: DataParams = field(default_factory=DataParams)
-    select: SelectParams = field(default_factory=SelectParams)
-    copy: CopyParams = field(default_factory=CopyParams)
-    split: SplitParams = field(default_factory=SplitParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    featurize: FeaturizeParams = field(default_factory=FeaturizeParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    threshold: ThresholdParams = field(default_factory=ThresholdParams)
-    validate: ValidateParams = field(default_factory=ValidateParams)
-    audit: AuditParams = field(default_factory=AuditParams)
-    probe: ProbeParams = field(default_factory=ProbeParams)
+    """Every section of params.yaml, in its order."""
+
+    base: BaseParams = Field(default_factory=BaseParams)
+    data: DataParams = Field(default_factory=DataParams)
+    select: SelectParams = Field(default_factory=SelectParams)
+    copy: CopyParams = Field(default_factory=CopyParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    featurize: FeaturizeParams = Field(default_factory=FeaturizeParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    threshold: ThresholdParams = Field(default_factory=ThresholdParams)
+    validate: ValidateParams = Field(default_factory=ValidateParams)
+    audit: AuditParams = Field(default_factory=AuditParams)
+    probe: ProbeParams = Field(default_factory=ProbeParams)
+
+    @property
+    def seed(self) -> int:
+        """``base.seed``: the data-side seed."""
+        return self.base.seed
 
 
-class _Reader:
-    """Pulls typed values out of the raw mapping, naming the dotted key on any error."""
+_ADAPTER = TypeAdapter(Params)
 
-    def __init__(self, raw: dict[str, Any], source: str) -> None:
-        self.raw = raw
-        self.source = source
-
-    def _fail(self, key: str, message: str) -> ParamsError:
-        return ParamsError(f"{self.source}: `{key}` {message}")
-
-    def get(self, key: str, default: Any) -> Any:
-        node: Any = self.raw
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
-
-    def integer(self, key: str, default: int, minimum: int | None = None,
-                maximum: int | None = None) -> int:
-        value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self._fail(key, f"must be a whole number, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise self._fail(key, f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise self._fail(key, f"must be at most {maximum}, got {value}")
-        return value
-
-    def number(self, key: str, default: float, low: float, high: float,
-               low_open: bool = False, high_open: bool = False) -> float:
-        value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self._fail(key, f"must be a number, got {value!r}")
-        too_low = value <= low if low_open else value < low
-        too_high = value >= high if high_open else value > high
-        if too_low or too_high:
-            left = "(" if low_open else "["
-            right = ")" if high_open else "]"
-            raise self._fail(key, f"must be in {left}{low}, {high}{right}, got {value}")
-        return float(value)
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.get(key, default)
-        if not isinstance(value, bool):
-            raise self._fail(key, f"must be true or false, got {value!r}")
-        return value
-
-    def string(self, key: str, default: str, choices: tuple[str, ...] | None = None) -> str:
-        value = self.get(key, default)
-        if not isinstance(value, str) or not value.strip():
-            raise self._fail(key, f"must be a non-empty string, got {value!r}")
-        if choices is not None and value.lower() not in choices:
-            raise self._fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
-        return value.lower() if choices is not None else value
-
-    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.get(key, list(default))
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value or not all(
-                isinstance(v, str) and v.strip() for v in value):
-            raise self._fail(key, f"must be a non-empty list of strings, got {value!r}")
-        return tuple(v.strip() for v in value)
+# Error messages: pydantic's error types -> "what is allowed" in the project's words.
+_EXPECTED = {
+    "int_type": "a whole number", "int_from_float": "a whole number",
+    "int_parsing": "a whole number", "float_type": "a number", "float_parsing": "a number",
+    "finite_number": "a finite number", "bool_type": "true or false",
+    "bool_parsing": "true or false", "string_type": "a string", "dict_type": "a mapping",
+    "dataclass_type": "a section of `key: value` lines",
+}
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def parse_params(raw: dict[str, Any], source: str = "params.yaml",
-                 root: Path | None = None) -> Params:
-    """Validate a raw params mapping; ``root`` resolves relative paths (weights, local source)."""
+def _field(loc: Sequence[str]) -> FieldInfo | None:
+    """The field at a dotted location (``("train", "dropout")``), or None."""
+    owner: Any = Params
+    info: FieldInfo | None = None
+    for part in loc:
+        fields = getattr(owner, "__pydantic_fields__", None)
+        if not fields or part not in fields:
+            return None
+        info = fields[part]
+        owner = info.annotation
+    return info
+
+
+def _num(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+def _allowed_range(info: FieldInfo | None) -> str:
+    """``in [0, 1)`` for a number, ``at least 1 and at most 64`` for a whole number."""
+    bounds = {name: getattr(m, name) for m in (info.metadata if info else [])
+              for name in ("ge", "gt", "le", "lt") if hasattr(m, name)}
+    low = next(((n, bounds[n]) for n in ("ge", "gt") if n in bounds), None)
+    high = next(((n, bounds[n]) for n in ("le", "lt") if n in bounds), None)
+    if info is not None and info.annotation is float and low and high:
+        return (f"in {'[' if low[0] == 'ge' else '('}{_num(low[1])}, "
+                f"{_num(high[1])}{']' if high[0] == 'le' else ')'}")
+    words = {"ge": "at least", "gt": "greater than", "le": "at most", "lt": "less than"}
+    return " and ".join(f"{words[b[0]]} {_num(b[1])}" for b in (low, high) if b) or "in range"
+
+
+def _unknown(loc: Sequence[str]) -> str:
+    """``unknown key `train.droput`; did you mean `train.dropout`?`` (difflib on that section)."""
+    *section, name = loc
+    info = _field(section)
+    owner = info.annotation if info else Params if not section else None
+    valid = list(getattr(owner, "__pydantic_fields__", {}))
+    prefix = "".join(f"{part}." for part in section)
+    what = "key" if section else "section"
+    match = difflib.get_close_matches(name, valid, n=1)
+    hint = (f"did you mean `{prefix}{match[0]}`?" if match
+            else f"valid {what}s: {', '.join(prefix + key for key in valid)}")
+    return f"unknown {what} `{prefix}{name}`; {hint}"
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    """One pydantic error as one line naming the dotted key, the value and what is allowed."""
+    loc = [str(part) for part in error["loc"]]
+    kind, value = error["type"], error.get("input")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return _unknown(loc)
+    if kind == "value_error":
+        text = str(error.get("ctx", {}).get("error", error["msg"]))
+    elif kind in _EXPECTED:
+        text = f"must be {_EXPECTED[kind]}, got {value!r}"
+    elif kind in _RANGE_ERRORS:
+        text = f"must be {_allowed_range(_field(loc))}, got {value!r}"
+    elif kind == "literal_error":
+        text = f"must be one of {error.get('ctx', {}).get('expected')}; got {value!r}"
+    else:
+        text = f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {value!r}"
+    return f"`{'.'.join(loc)}` {text}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml", root: Path | None = None) -> Params:
+    """Validate a raw params mapping; ``root`` resolves relative paths (weights, local source).
+
+    Raises :class:`ParamsError` with one line per problem, each starting with ``source``.
+    """
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    r = _Reader(raw, source)
-    root = root or Path.cwd()
-
-    data_source = r.string("data.source", "demo")
-    if data_source not in ("demo", "download"):
-        folder = resolve_path(data_source, root)
-        if not folder.is_dir():
-            raise ParamsError(
-                f"{source}: `data.source` is {data_source!r}, which is neither `demo`, `download` "
-                f"nor an existing folder ({folder} not found). Point it at a folder holding "
-                "covid-chestxray-dataset/ and chest_xray/.")
-    demo = DemoParams(
-        covid_patients=r.integer("data.demo.covid_patients", 70, minimum=6, maximum=100_000),
-        kermany_train=r.integer("data.demo.kermany_train", 160, minimum=4, maximum=1_000_000),
-        kermany_test=r.integer("data.demo.kermany_test", 30, minimum=1, maximum=1_000_000),
-        max_side=r.integer("data.demo.max_side", 320, minimum=32, maximum=4096),
-        plant_artifact=r.boolean("data.demo.plant_artifact", False),
-    )
-
-    heldout_from = r.string("select.heldout_from", "2020-03")
-    if not re.fullmatch(r"\d{4}-\d{2}", heldout_from) or not 1 <= int(heldout_from[5:]) <= 12:
-        raise ParamsError(f"{source}: `select.heldout_from` must be a month as YYYY-MM, "
-                          f"got {heldout_from!r}")
-
-    model_weights = r.string("model.weights", "none")
-    if model_weights.lower() in ("imagenet", "none"):
-        model_weights = model_weights.lower()
-    else:
-        weights_path = resolve_path(model_weights, root)
-        if not weights_path.is_file():
-            raise ParamsError(
-                f"{source}: `model.weights` is {model_weights!r}: no such file ({weights_path}). "
-                "Use `imagenet` (needs internet or a pre-placed file in ~/.keras/models), `none` "
-                "(random frozen backbone), or the path to a local weights file.")
-
-    img_size = r.integer("model.img_size", 224, minimum=32, maximum=1024)
-    pool_size = r.integer("model.pool_size", 4, minimum=1, maximum=32)
-    if pool_size > img_size // 32:
-        raise ParamsError(
-            f"{source}: `model.pool_size` {pool_size} is larger than the backbone's feature map "
-            f"({img_size // 32} px at model.img_size {img_size}); use at most {img_size // 32}.")
-
-    return Params(
-        seed=r.integer("base.seed", 42, minimum=0),
-        data=DataParams(source=data_source, demo=demo),
-        select=SelectParams(
-            modalities=r.strings("select.modalities", ("X-ray",)),
-            views=r.strings("select.views", ("PA",)),
-            findings=r.strings("select.findings", ("COVID-19",)),
-            heldout_from=heldout_from,
-        ),
-        copy=CopyParams(
-            heldout_normal=r.integer("copy.heldout_normal", 20, minimum=0),
-            heldout_pneumonia=r.integer("copy.heldout_pneumonia", 20, minimum=0),
-            max_per_class=r.integer("copy.max_per_class", 0, minimum=0),
-        ),
-        split=SplitParams(
-            test_size=r.number("split.test_size", 0.2, 0.0, 1.0, low_open=True, high_open=True),
-            val_size=r.number("split.val_size", 0.2, 0.0, 1.0, high_open=True),
-            group_by_patient=r.boolean("split.group_by_patient", True),
-        ),
-        model=ModelParams(
-            backbone=r.string("model.backbone", "vgg16", choices=BACKBONES),
-            weights=model_weights,
-            img_size=img_size,
-            pool_size=pool_size,
-            dense_nodes=r.integer("model.dense_nodes", 64, minimum=1, maximum=65_536),
-        ),
-        featurize=FeaturizeParams(
-            augment_copies=r.integer("featurize.augment_copies", 2, minimum=0, maximum=64),
-            batch_size=r.integer("featurize.batch_size", 16, minimum=1, maximum=4096),
-        ),
-        train=TrainParams(
-            seed=r.integer("train.seed", 42, minimum=0),
-            init_lr=r.number("train.init_lr", 1e-3, 0.0, 10.0, low_open=True),
-            epochs=r.integer("train.epochs", 10, minimum=1, maximum=10_000),
-            batch_size=r.integer("train.batch_size", 8, minimum=1, maximum=65_536),
-            dropout=r.number("train.dropout", 0.5, 0.0, 1.0, high_open=True),
-            rotation_deg=r.number("train.rotation_deg", 15.0, 0.0, 180.0),
-        ),
-        threshold=ThresholdParams(
-            rule=r.string("threshold.rule", "youden", choices=THRESHOLD_RULES),
-            sensitivity=r.number("threshold.sensitivity", 0.95, 0.0, 1.0, low_open=True),
-        ),
-        validate=ValidateParams(
-            gradcam_images=r.integer("validate.gradcam_images", 3, minimum=0, maximum=1000),
-            bootstrap=r.integer("validate.bootstrap", 1000, minimum=0, maximum=1_000_000),
-            external=_external_sets(r, root),
-        ),
-        audit=AuditParams(
-            fail_on_leak=r.boolean("audit.fail_on_leak", True),
-            phash_max_distance=r.integer("audit.phash_max_distance", 4, minimum=0, maximum=64),
-        ),
-        probe=ProbeParams(
-            auc_threshold=r.number("probe.auc_threshold", 0.8, 0.5, 1.0),
-            folds=r.integer("probe.folds", 5, minimum=2, maximum=50),
-        ),
-    )
-
-
-def _external_sets(r: _Reader, root: Path) -> dict[str, str]:
-    """``validate.external``: name -> folder with class subfolders (covid/, normal/, pneumonia/).
-
-    Folders are checked when the validate stage runs (a demo external set only exists after
-    acquire), so here only the shape is validated.
-    """
-    value = r.get("validate.external", {}) or {}
-    if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items()):
-        raise ParamsError(f"{r.source}: `validate.external` must map a set name to a folder "
-                          f"path (with covid/, normal/ or pneumonia/ subfolders), got {value!r}")
-    return {name: folder.strip() for name, folder in value.items()}
+    try:
+        return _ADAPTER.validate_python(raw, context={"root": root or Path.cwd()})
+    except ValidationError as exc:
+        raise ParamsError("\n".join(f"{source}: {_problem(e)}" for e in exc.errors())) from None
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
@@ -328,3 +404,85 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     return parse_params(raw, source=str(path), root=path.resolve().parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation generated from the classes above (the README's parameter table)
+
+
+def parameters(owner: Any = Params, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """``(dotted key, default, description)`` of every key, in params.yaml order."""
+    for name, info in owner.__pydantic_fields__.items():
+        if dataclasses.is_dataclass(info.annotation):
+            yield from parameters(info.annotation, f"{prefix}{name}.")
+        else:
+            yield (f"{prefix}{name}", info.get_default(call_default_factory=True),
+                   info.description or "")
+
+
+def _show(value: Any) -> str:
+    """A default as it reads in params.yaml."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple | list):
+        return f"[{', '.join(map(str, value))}]"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items()) or "{}"
+    return str(value)
+
+
+TABLE_START = "<!-- params table: generated by `python -m covid_xray.params README.md` -->"
+TABLE_END = "<!-- end of params table -->"
+
+
+def _allowed(key: str) -> str:
+    """What a key accepts, from its type and constraints."""
+    info = _field(key.split("."))
+    assert info is not None
+    kind = info.annotation
+    if get_origin(kind) is Literal:
+        return ", ".join(get_args(kind))
+    if kind is bool:
+        return "true, false"
+    if kind is int:
+        return f"whole number {_allowed_range(info)}".replace(" in range", "")
+    if kind is float:
+        return f"number {_allowed_range(info)}"
+    if get_origin(kind) is tuple:
+        return "list of text"
+    if get_origin(kind) is dict:
+        return "mapping name: folder"
+    return "text"
+
+
+def markdown_table() -> str:
+    """The README's parameter table: one row per key, from the classes above."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{key}` | {_show(default)} | {_allowed(key)} | {text.replace('|', '/')} |"
+             for key, default, text in parameters()]
+    return "\n".join(rows)
+
+
+def readme_with_table(readme: str) -> str:
+    """``readme`` with the text between the table markers replaced by :func:`markdown_table`."""
+    before, start, rest = readme.partition(TABLE_START)
+    _, end, after = rest.partition(TABLE_END)
+    if not start or not end:
+        raise ParamsError(f"README: markers {TABLE_START!r} and {TABLE_END!r} not found")
+    return f"{before}{TABLE_START}\n{markdown_table()}\n{TABLE_END}{after}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m covid_xray.params [README.md]``: print the table, or rewrite it in the README."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:
+        print(markdown_table())
+        return
+    readme = Path(args[0])
+    write_text(readme, readme_with_table(readme.read_text(encoding="utf-8")))
+
+
+if __name__ == "__main__":
+    main()

@@ -388,8 +388,8 @@ def demo_images_by_class(per_class: int = 12, max_side: int = 160,
     from covid_xray.demo import generate_demo
     from covid_xray.params import DemoParams
 
-    params = DemoParams(covid_patients=max(4, per_class), kermany_train=per_class,
-                        kermany_test=2, max_side=max_side)
+    params = DemoParams(covid_patients=max(6, per_class), kermany_train=max(4, per_class),
+                        kermany_test=2, max_side=max_side)  # the smallest data.demo allows
     with tempfile.TemporaryDirectory(prefix="covid-xray-demo-") as tmp:
         root = Path(tmp)
         generate_demo(root, params, seed=seed, progress=False)

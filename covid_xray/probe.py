@@ -42,6 +42,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
+from covid_xray.errors import PipelineError
 from covid_xray.imaging import (
     ImageDecodeError,
     decode_image,
@@ -49,7 +50,6 @@ from covid_xray.imaging import (
     resize_square,
     to_model_input,
 )
-from covid_xray.io import PipelineError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths
-from covid_xray.io import PipelineError, atomic_path, write_text
+from covid_xray.errors import PipelineError
+from covid_xray.io import atomic_path, write_text
 
 DISCLAIMER = ("**Educational and research use only: not a diagnostic device.** Do not use these "
               "models to diagnose, treat or triage anyone.")

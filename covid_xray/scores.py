@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from covid_xray.config import POSITIVE_CLASS
+from covid_xray.errors import PipelineError
 from covid_xray.io import (
-    PipelineError,
     atomic_dir,
     read_stage_csv,
     require_stage_file,

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from covid_xray.config import MODEL_NAMES, class_names
-from covid_xray.io import PipelineError, read_stage_csv, write_csv
+from covid_xray.errors import PipelineError
+from covid_xray.io import read_stage_csv, write_csv
 from covid_xray.params import SplitParams
 
 SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "sha256", "split")

@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 
 from covid_xray.config import POSITIVE_CLASS, Paths, class_names
+from covid_xray.errors import PipelineError
 from covid_xray.features import FeatureStore
 from covid_xray.gradcam import gradcam_maps
-from covid_xray.io import PipelineError
 from covid_xray.modeling import (
     ModelInfo,
     assemble_classifier,

@@ -19,7 +19,8 @@ from covid_xray.audit import (
     run_audit,
 )
 from covid_xray.config import Paths
-from covid_xray.io import PipelineError, run_stage, write_csv, write_json
+from covid_xray.errors import PipelineError
+from covid_xray.io import run_stage, write_csv, write_json
 from covid_xray.params import load_params
 
 log = logging.getLogger("covid_xray.stages.audit")

@@ -13,7 +13,8 @@ import logging
 import sys
 
 from covid_xray.config import MODEL_NAMES, Paths
-from covid_xray.io import PipelineError, run_stage
+from covid_xray.errors import PipelineError
+from covid_xray.io import run_stage
 from covid_xray.params import load_params
 from covid_xray.training import train_model
 

@@ -33,7 +33,7 @@ from covid_xray.acquire import (
     safe_extract,
 )
 from covid_xray.config import Paths
-from covid_xray.io import PipelineError
+from covid_xray.errors import PipelineError
 from covid_xray.params import Params, parse_params
 
 # --------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from covid_xray.audit import (
     signature,
 )
 from covid_xray.config import Paths
+from covid_xray.errors import PipelineError
 from covid_xray.imaging import load_image
-from covid_xray.io import PipelineError
 
 
 def xray_like(seed: int, size: int = 48) -> np.ndarray:

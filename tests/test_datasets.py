@@ -24,7 +24,7 @@ from covid_xray.datasets import (
     kermany_patient_id,
     link_or_copy,
 )
-from covid_xray.io import PipelineError
+from covid_xray.errors import PipelineError
 from covid_xray.metadata import OUTPUT_COLUMNS
 from covid_xray.params import CopyParams
 

@@ -16,6 +16,7 @@ from test_features import featurized_project, make_project
 
 from covid_xray.config import MODEL_NAMES, Paths
 from covid_xray.datasets import external_files
+from covid_xray.errors import PipelineError
 from covid_xray.evaluation import (
     METRIC_NAMES,
     binary_metrics,
@@ -28,7 +29,6 @@ from covid_xray.evaluation import (
 )
 from covid_xray.gradcam import gradcam_heatmap, heatmap_from_cam
 from covid_xray.imaging import prepare_file
-from covid_xray.io import PipelineError
 from covid_xray.modeling import Classifier
 from covid_xray.params import load_params
 from covid_xray.scores import Predictions

@@ -23,6 +23,7 @@ import yaml
 from pipeline_helpers import MANIFEST_HEADER, SPLIT_HEADER
 
 from covid_xray.config import Paths
+from covid_xray.errors import PipelineError
 from covid_xray.features import (
     FeatureStore,
     compute_features,
@@ -32,7 +33,6 @@ from covid_xray.features import (
     rotation_angle,
 )
 from covid_xray.imaging import prepare_file
-from covid_xray.io import PipelineError
 from covid_xray.modeling import build_backbone
 from covid_xray.params import load_params
 

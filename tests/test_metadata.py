@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covid_xray.io import PipelineError
+from covid_xray.errors import PipelineError
 from covid_xray.metadata import (
     OUTPUT_COLUMNS,
     finding_labels,

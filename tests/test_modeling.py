@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covid_xray.io import PipelineError, sha256_file
+from covid_xray.errors import PipelineError
+from covid_xray.io import sha256_file
 from covid_xray.modeling import (
     Classifier,
     ModelInfo,

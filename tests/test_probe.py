@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from covid_xray.io import PipelineError
+from covid_xray.errors import PipelineError
 from covid_xray.probe import (
     CvResult,
     ProbeResult,

@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from test_datasets import make_kermany, put_image
 from test_metadata import ROWS, write_metadata
 
-from covid_xray.io import PipelineError
+from covid_xray.errors import PipelineError
 from covid_xray.params import SplitParams
 from covid_xray.splitting import (
     SPLIT_COLUMNS,

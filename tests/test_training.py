@@ -15,9 +15,9 @@ import yaml
 from test_features import featurized_project
 
 from covid_xray.config import Paths
+from covid_xray.errors import PipelineError
 from covid_xray.features import FeatureStore
 from covid_xray.imaging import prepare_file
-from covid_xray.io import PipelineError
 from covid_xray.modeling import Classifier, ModelLoadError
 from covid_xray.params import load_params
 from covid_xray.scores import Predictions, covid_labels
