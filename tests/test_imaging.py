@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -297,24 +296,3 @@ def test_decode_checked_applies_the_servers_image_checks(make, reason: str) -> N
     assert _reason(_png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))) == reason
     assert ood.check_image(rgb).reason == reason  # the server's own check, same name
     assert reason in ood.IMAGE_REASONS
-
-
-def test_decode_cost_per_image_is_printed(xray_sample: Path) -> None:
-    """Benchmark-like figure (printed, never asserted): strict JPEG decode vs OpenCV's."""
-    datas = [p.read_bytes() for p in sorted(xray_sample.rglob("*.jp*g"))]
-    datas = [d for d in datas if jpeg_scale(read_image_info(d)) == 1]
-    flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
-    start = time.perf_counter()
-    for data in datas:
-        to_rgb8(cv2.imdecode(np.frombuffer(data, np.uint8), flags))
-    opencv_ms = (time.perf_counter() - start) / len(datas) * 1000
-    start = time.perf_counter()
-    for data in datas:
-        decode_image(data)
-    ours_ms = (time.perf_counter() - start) / len(datas) * 1000
-    start = time.perf_counter()
-    for data in datas:
-        decode_checked(data)
-    checked_ms = (time.perf_counter() - start) / len(datas) * 1000
-    print(f"\n{len(datas)} sample JPEGs: OpenCV {opencv_ms:.1f} ms/img, strict decode "
-          f"{ours_ms:.1f} ms/img, with the image checks {checked_ms:.1f} ms/img")
