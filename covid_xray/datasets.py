@@ -3,8 +3,10 @@
 The seed's sampler copied the first N files a glob returned, so its "validation" NORMAL images were
 training images. Here every draw is seeded, held-out images come from patients no training folder
 uses, identical files are removed by content hash before any draw, and the result is checked
-again by hash before the folder is swapped in. Every image is decoded first (the same decoder the
-models use): a file that does not decode is listed in ``skipped.csv``, never copied.
+again by hash before the folder is swapped in. Every image is decoded and checked first, with the
+server's own decode and image-level checks (``imaging.decode_checked``): a file the server would
+refuse (not an image, too large, truncated, corrupt, too small, colour, blank, page, noise) is
+listed in ``skipped.csv`` with the same reason name, never copied.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, resolve_path
 from covid_xray.errors import PipelineError
-from covid_xray.imaging import ImageDecodeError, decode_image, read_image_info
+from covid_xray.imaging import ImageRejected, decode_checked, read_image_info
 from covid_xray.io import read_stage_csv, sha256_file, write_csv
 from covid_xray.params import CopyParams
 
@@ -92,28 +94,21 @@ class Skip:
 
 
 def classify_decode_error(exc: Exception) -> str:
-    """A short category for ``skipped.csv`` and the metric: why a file is not usable."""
-    text = str(exc).lower()
+    """The category for ``skipped.csv`` and the metric: the server's reason for refusing it."""
+    if isinstance(exc, ImageRejected):
+        return exc.reason
     if isinstance(exc, OSError):
         return "unreadable"
-    if "empty file" in text:
-        return "empty"
-    if "not a recognised image" in text:
-        return "not_image"
-    if "truncated jpeg" in text:  # imaging: no end-of-image marker
-        return "truncated"
-    if "above the limit" in text:
-        return "too_large"
     return "corrupt"
 
 
 def inspect_file(candidate: Candidate) -> ImageRecord | Skip:
-    """Hash and fully decode one file (header sniffing alone misses truncated/corrupt data)."""
+    """Hash, fully decode and check one file, exactly as the server would before its models."""
     try:
         data = candidate.source.read_bytes()
         info = read_image_info(data)
-        decode_image(data)
-    except (ImageDecodeError, OSError) as exc:
+        decode_checked(data)
+    except (ImageRejected, OSError) as exc:
         return Skip(candidate.source, f"{classify_decode_error(exc)}: {exc}")
     return ImageRecord(candidate.source, candidate.label, candidate.patient_id,
                        hashlib.sha256(data).hexdigest(), info.width, info.height, info.format)
@@ -255,6 +250,29 @@ def _rel(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
+class DatasetBuildError(PipelineError):
+    """Too few usable images; ``skipped`` says why each file was left out.
+
+    The stage still writes ``skipped.csv`` (alone in ``data/datasets/``) before failing, so the
+    list the message points to exists.
+    """
+
+    def __init__(self, message: str, skipped: Sequence[Skip], raw_dir: Path) -> None:
+        counts = Counter(s.reason.split(":", 1)[0] for s in skipped)
+        detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"
+        super().__init__(f"{message}. Skipped files: {detail}; each is listed with its reason "
+                         "in skipped.csv")
+        self.skipped = list(skipped)
+        self.raw_dir = raw_dir
+
+
+def write_skipped(folder: Path, skipped: Sequence[Skip], raw_dir: Path) -> Path:
+    """``<folder>/skipped.csv``: every file left out, relative to ``raw_dir``, with its reason."""
+    path = folder / "skipped.csv"
+    write_csv(path, SKIPPED_COLUMNS, [(_rel(s.source, raw_dir), s.reason) for s in skipped])
+    return path
+
+
 @dataclass
 class DatasetBuild:
     """What :func:`build_datasets` wrote, for the metric and the log line."""
@@ -269,7 +287,7 @@ class DatasetBuild:
         parts = [f"{name} " + "/".join(f"{n} {label}" for label, n in counts[name].items())
                  for name in counts]
         return (f"{len(self.manifest)} images ({'; '.join(parts)}); skipped "
-                f"{self.report['skipped']['total']} unreadable/duplicate files; "
+                f"{self.report['skipped']['total']} unusable or duplicate files; "
                 f"{self.links['hardlink']} hard links, {self.links['copy']} copies")
 
 
@@ -311,11 +329,13 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
         pools[name] = kept
         skipped.extend(dups)
 
+    skipped.sort(key=lambda s: s.source.as_posix())
     covid_train = pools["covid_train"]
     if not covid_train:
-        raise PipelineError(f"{interim_dir / 'covid_selected.csv'}: none of the "
-                            f"{len(groups['covid_train'])} COVID training images could be decoded "
-                            f"(see the skipped files); nothing to train on")
+        raise DatasetBuildError(
+            f"{interim_dir / 'covid_selected.csv'}: none of the {len(groups['covid_train'])} "
+            f"COVID training images is usable (unreadable, refused or duplicate); nothing to "
+            f"train on", skipped, raw_dir)
     if params.max_per_class and len(covid_train) > params.max_per_class:
         log.info("copy.max_per_class=%d: training on %d of %d COVID images",
                  params.max_per_class, params.max_per_class, len(covid_train))
@@ -333,19 +353,20 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
         key, size = f"copy.heldout_{label}", heldout_sizes[label]
         patients = len({i.patient_id for i in pool})
         if size > len(pool):
-            raise PipelineError(
+            raise DatasetBuildError(
                 f"{kermany_dir / 'train' / KERMANY_CLASSES[label]}: {key}={size} but only "
                 f"{len(pool)} readable, unique images ({patients} patients) are there; lower "
-                f"{key} or use a larger data set (demo: raise data.demo.kermany_train)")
+                f"{key} or use a larger data set (demo: raise data.demo.kermany_train)",
+                skipped, raw_dir)
         held, used = draw_heldout(pool, size, seed, f"heldout/{label}")
         remaining = [i for i in pool if i.patient_id not in used]
         if len(remaining) < wanted:
-            raise PipelineError(
+            raise DatasetBuildError(
                 f"{kermany_dir / 'train' / KERMANY_CLASSES[label]}: {model} needs {wanted} "
                 f"{label} images to balance its {wanted} COVID training images, but only "
                 f"{len(remaining)} readable, unique images remain after holding out {key}={size} "
                 f"images ({len(used)} patients) of {len(pool)}; lower {key} or use a larger "
-                "Kermany data set (demo: raise data.demo.kermany_train)")
+                "Kermany data set (demo: raise data.demo.kermany_train)", skipped, raw_dir)
         plan[("heldout", label)] = held
         plan[(model, label)] = draw_images(remaining, wanted, seed, f"train/{model}/{label}")
 
@@ -364,11 +385,9 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
     manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).sort_values("path",
                                                                                 ignore_index=True)
     check_disjoint(manifest)
-    skipped.sort(key=lambda s: s.source.as_posix())
     write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS,
               list(manifest.itertuples(index=False, name=None)))
-    write_csv(out_dir / "skipped.csv", SKIPPED_COLUMNS,
-              [(_rel(s.source, raw_dir), s.reason) for s in skipped])
+    write_skipped(out_dir, skipped, raw_dir)
     report = _report(manifest, skipped, links, pools, seed)
     return DatasetBuild(manifest, skipped, links, report)
 

@@ -1,27 +1,83 @@
-"""Image decoding and preprocessing: the ONE implementation used by featurize, train, evaluate,
-validate, the web app and the CLI, so serving sees exactly the pixels training saw.
+"""Image decoding and preprocessing: the ONE implementation used by copy_images, featurize, train,
+evaluate, validate, audit, probe, the web app and the CLI, so serving sees exactly the pixels
+training saw, and the data stages skip exactly the images the server refuses.
 
 Recipe (the seed's): decode -> RGB -> resize to ``img_size`` x ``img_size`` -> scale to [0, 1].
-Decoding goes through OpenCV on the file's bytes (never its extension) and normalises grayscale,
-RGBA, 16-bit and CMYK inputs to 8-bit RGB.
+Decoding goes by the file's bytes (never its extension) and normalises grayscale, RGBA, 16-bit
+and CMYK inputs to 8-bit RGB. Every refusal is an :class:`ImageRejected` with a machine reason
+(``skipped.csv``, ``metrics/copy_images.json``, the API's error) and a one-line message:
+
+- ``empty``, ``not_image``: nothing decodable;
+- ``too_large``: above the pixel cap or the decoded-bytes cap, judged from the header alone,
+  before any pixel is decoded (decompression bombs: a 1.5 MB 7000x7000 16-bit RGBA PNG is
+  392 MB decoded);
+- ``truncated``: the data ends before the image does (libjpeg's "premature end" warnings, libpng's
+  "not enough image data"), even when an end marker was appended;
+- ``corrupt``: anything else the decoder refuses or warns about (bad Huffman code, CRC error);
+- the image-level reasons of :func:`covid_xray.ood.check_image` (``too_small``, ``colour``,
+  ``blank``, ``document``, ``noise``), applied by :func:`decode_checked`.
+
+JPEGs are decoded by libjpeg-turbo through ``simplejpeg`` in strict mode: OpenCV and Pillow decode a
+JPEG cut in half with an end marker appended silently, with a grey lower half, and only print
+libjpeg's warning to stderr; ``simplejpeg`` raises it. Same library as OpenCV's (libjpeg-turbo
+3.1, accurate integer IDCT, fancy upsampling): identical pixels on every file of the real sample
+and the demo data (tests/test_imaging.py). Large JPEGs are decoded at reduced scale in the DCT
+domain (see :func:`jpeg_scale`). Other formats go through OpenCV, which refuses truncated and
+corrupt PNG data (libpng errors); Pillow then names the cause.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
+
+from covid_xray import ood
 
 MAX_PIXELS_DEFAULT = 50_000_000
 """Images above this many pixels are refused before decoding (decompression bombs)."""
+MAX_DECODED_BYTES_DEFAULT = 128 * 1024 * 1024
+"""Images whose decoder output (width x height x channels x bytes per channel, at the scale they
+are decoded at) would exceed this are refused before decoding. 128 MiB admits any 8-bit grey image
+up to the pixel cap, 8-bit RGB up to 44 Mpx, 16-bit grey up to 67 Mpx."""
+JPEG_REDUCE_MIN_SIDE = 1024
+"""JPEGs are decoded at 1/2, 1/4 or 1/8 scale as long as the shorter side stays at or above this
+(>= 4.5x the 224 px model input, 4x the 256 px analysis size of the image checks)."""
+JPEG_SCALES: tuple[int, ...] = (8, 4, 2, 1)
+REJECT_REASONS: tuple[str, ...] = ("empty", "not_image", "too_large", "truncated", "corrupt")
+"""Decode-level reasons; :data:`covid_xray.ood.IMAGE_REASONS` lists the image-level ones."""
+
+_GREY_MODES = frozenset({"1", "L", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+_COLOUR_MODES = frozenset({"RGB", "YCbCr", "LAB", "HSV"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_BAND_VALUES = 1 << 20
+"""Values (pixels x channels) per band of :func:`to_rgb8`: its float32 temporaries stay ~4 MiB."""
+
+_JPEG_TRUNCATED = ("premature end",)
+"""libjpeg warnings meaning the data stops early (JWRN_JPEG_EOF, JWRN_HIT_MARKER)."""
+_JPEG_BENIGN = ("extraneous bytes before marker", "unknown jfif revision",
+                "unknown adobe color transform", "bad icc marker",
+                "invalid sos parameters for sequential jpeg")
+"""libjpeg warnings about metadata or padding, not pixels: such files decode as libjpeg intends
+(as OpenCV decoded them before), without strict mode."""
 
 
-class ImageDecodeError(ValueError):
-    """The bytes are not a decodable image (or exceed the pixel cap)."""
+class ImageRejected(ValueError):
+    """An image the server and the data stages refuse; ``reason`` is the machine name."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ImageDecodeError(ImageRejected):
+    """The bytes are not a usable image: a reason of :data:`REJECT_REASONS`."""
 
 
 @dataclass(frozen=True)
@@ -33,74 +89,219 @@ class ImageInfo:
     height: int
     mode: str
     bit_depth: int
+    progressive: bool = False
 
 
 def read_image_info(data: bytes) -> ImageInfo:
     """Sniff format and size from the header (cheap; no pixel decoding)."""
     if not data:
-        raise ImageDecodeError("empty file")
+        raise ImageDecodeError("empty", "empty file")
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             mode = image.mode
             fmt = (image.format or "unknown").lower()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"not a recognised image format ({exc.__class__.__name__})") from exc
-    bit_depth = 16 if mode in ("I;16", "I;16B", "I;16L", "I") else 8
-    return ImageInfo(format=fmt, width=width, height=height, mode=mode, bit_depth=bit_depth)
+            progressive = bool(image.info.get("progressive"))
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError("too_large", f"declared size too large ({exc})") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageDecodeError(
+            "not_image", f"not a recognised image format ({exc.__class__.__name__})") from exc
+    if fmt == "mpo":  # a camera's multi-picture JPEG: its first picture is a plain JPEG
+        fmt = "jpeg"
+    bit_depth = 16 if mode in _SIXTEEN_BIT_MODES else 8
+    if fmt == "png" and data[24:25] == b"\x10":  # IHDR bit depth (Pillow reads RGB(A)/16 as 8)
+        bit_depth = 16
+    return ImageInfo(format=fmt, width=width, height=height, mode=mode, bit_depth=bit_depth,
+                     progressive=progressive)
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
-    """Decode image bytes to an ``(H, W, 3)`` uint8 RGB array.
+def jpeg_scale(info: ImageInfo) -> int:
+    """Denominator of the scale a JPEG is decoded at: 8, 4, 2 or 1 (full size).
 
-    Raises :class:`ImageDecodeError` for empty, non-image, truncated or oversized input.
+    The largest reduction that keeps the shorter side at or above :data:`JPEG_REDUCE_MIN_SIDE`;
+    other formats, and JPEGs whose shorter side is below twice that, are decoded at full size.
+    Training and serving both decode through here, so both see the same pixels.
+    """
+    if info.format != "jpeg":
+        return 1
+    shorter = min(info.width, info.height)
+    return next(s for s in JPEG_SCALES if s == 1 or shorter // s >= JPEG_REDUCE_MIN_SIDE)
+
+
+def decoded_bytes(info: ImageInfo) -> int:
+    """Memory the decoder needs for this image, from its header alone (an upper bound).
+
+    Output array: width x height (at :func:`jpeg_scale`) x channels x bytes per channel.
+    Progressive JPEGs also hold every DCT coefficient of the full-size image while decoding
+    (2 bytes per pixel per component), whatever the output scale.
+    """
+    if info.mode in _GREY_MODES:
+        channels = 1
+    elif info.mode in _COLOUR_MODES:
+        channels = 3
+    else:  # alpha, palette (may carry transparency), CMYK
+        channels = 4
+    per_channel = 4 if info.mode == "F" else 2 if info.bit_depth == 16 else 1
+    scale = jpeg_scale(info)
+    out = math.ceil(info.width / scale) * math.ceil(info.height / scale) * channels * per_channel
+    if info.format == "jpeg" and info.progressive:
+        out += info.width * info.height * min(channels, 3) * 2
+    return out
+
+
+def check_limits(info: ImageInfo, max_pixels: int = MAX_PIXELS_DEFAULT,
+                 max_bytes: int = MAX_DECODED_BYTES_DEFAULT) -> int:
+    """Raise ``too_large`` above either cap; returns :func:`decoded_bytes` otherwise."""
+    pixels = info.width * info.height
+    if pixels > max_pixels:
+        raise ImageDecodeError(
+            "too_large", f"image is {info.width}x{info.height} = {pixels:,} pixels, above the "
+            f"limit of {max_pixels:,}")
+    needed = decoded_bytes(info)
+    if needed > max_bytes:
+        raise ImageDecodeError(
+            "too_large", f"image is {info.width}x{info.height} {info.mode} "
+            f"({info.bit_depth}-bit): {needed / 2**20:,.0f} MiB once decoded, above the limit "
+            f"of {max_bytes / 2**20:,.0f} MiB")
+    return needed
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT,
+                 max_bytes: int = MAX_DECODED_BYTES_DEFAULT) -> np.ndarray:
+    """Decode image bytes to an ``(H, W, 3)`` uint8 RGB array (large JPEGs at reduced scale).
+
+    Raises :class:`ImageDecodeError` (reason ``empty``, ``not_image``, ``too_large``,
+    ``truncated`` or ``corrupt``); the caps are checked on the header, before decoding.
     """
     info = read_image_info(data)
-    if info.width * info.height > max_pixels:
-        raise ImageDecodeError(
-            f"image is {info.width}x{info.height} = {info.width * info.height:,} pixels, "
-            f"above the limit of {max_pixels:,}")
-    if info.format == "jpeg" and b"\xff\xd9" not in data[-1024:]:
-        raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
-    array = np.frombuffer(data, dtype=np.uint8)
-    decoded = cv2.imdecode(array, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    check_limits(info, max_pixels, max_bytes)
+    if info.format == "jpeg":
+        pixels = _decode_jpeg(data, info)
+        if pixels is not None:
+            return pixels
+    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _opencv_flags(info))
     if decoded is None or decoded.size == 0:
-        raise ImageDecodeError(f"could not decode the {info.format} data (corrupt or truncated)")
+        reason, cause = _failure_reason(data)
+        if reason == "truncated":
+            raise ImageDecodeError(reason, f"truncated {info.format.upper()} data ({cause}): "
+                                           "the file ends before the image does")
+        raise ImageDecodeError(reason, f"corrupt {info.format.upper()} data ({cause})")
     return to_rgb8(decoded, cmyk=info.mode == "CMYK")
 
 
+def _decode_jpeg(data: bytes, info: ImageInfo) -> np.ndarray | None:
+    """libjpeg-turbo, strict: a warning about the pixel data is a refusal.
+
+    Returns None for OpenCV to decode instead: CMYK/YCCK files (after this strict pass, in CMYK),
+    and files whose only warning is about metadata or padding (``simplejpeg`` raises every
+    warning it meets in the header, strict or not; OpenCV decodes them as it always did).
+    """
+    scale = jpeg_scale(info)
+    size = {"min_height": math.ceil(info.height / scale),
+            "min_width": math.ceil(info.width / scale)} if scale > 1 else {}
+    space = {"L": "GRAY", "CMYK": "CMYK"}.get(info.mode, "RGB")
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace=space, strict=True, **size)
+    except ValueError as exc:
+        message = str(exc)
+        lowered = message.lower()
+        if any(text in lowered for text in _JPEG_BENIGN):
+            return None
+        if any(text in lowered for text in _JPEG_TRUNCATED):
+            raise ImageDecodeError("truncated", f"truncated JPEG data ({message}): the file "
+                                                "ends before the image does") from exc
+        raise ImageDecodeError("corrupt", f"corrupt JPEG data ({message})") from exc
+    if space == "GRAY":
+        return cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+    return None if space == "CMYK" else pixels
+
+
+def _opencv_flags(info: ImageInfo) -> int:
+    """Everything as stored (depth, alpha), or a JPEG at its :func:`jpeg_scale` (3 channels)."""
+    reduced = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+               8: cv2.IMREAD_REDUCED_COLOR_8}.get(jpeg_scale(info))
+    return (reduced or cv2.IMREAD_UNCHANGED) | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+def _failure_reason(data: bytes) -> tuple[str, str]:
+    """Why OpenCV could not decode: Pillow's full decode names it (only on this error path)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (OSError, ValueError, SyntaxError) as exc:
+        text = str(exc)
+        return ("truncated" if "truncated" in text.lower() else "corrupt"), text
+    return "corrupt", "OpenCV refused the data"
+
+
 def to_rgb8(decoded: np.ndarray, cmyk: bool = False) -> np.ndarray:
-    """Normalise an OpenCV-decoded array (any depth, 1/3/4 channels, BGR order) to RGB uint8."""
-    image = decoded
-    if image.dtype == np.uint16:
-        image = (image.astype(np.float32) / 257.0).round().astype(np.uint8)
-    elif image.dtype in (np.float32, np.float64):
-        image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise ImageDecodeError(f"unsupported pixel type {image.dtype}")
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    channels = image.shape[2]
+    """Normalise an OpenCV-decoded array (any depth, 1/3/4 channels, BGR order) to RGB uint8.
+
+    Converted in bands of rows into one preallocated output, so memory beyond the input and the
+    output stays ~10 MiB whatever the image size (float32 copies of a whole 16-bit image took
+    several times its size: 2.5 GB for a 7000 x 7000 RGBA one).
+    """
+    if decoded.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        raise ImageDecodeError("corrupt", f"unsupported pixel type {decoded.dtype}")
+    image = decoded[:, :, np.newaxis] if decoded.ndim == 2 else decoded
+    height, width, channels = image.shape
+    if channels not in (1, 3, 4):
+        raise ImageDecodeError("corrupt", f"unsupported channel count {channels}")
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _BAND_VALUES // max(1, width * channels))
+    for top in range(0, height, rows):
+        out[top:top + rows] = _band_to_rgb8(image[top:top + rows], cmyk)
+    return out
+
+
+def _band_to_rgb8(band: np.ndarray, cmyk: bool) -> np.ndarray:
+    """One band of :func:`to_rgb8`; float work in place, one temporary at a time."""
+    if band.dtype == np.uint16:
+        scaled = band.astype(np.float32)
+        scaled /= 257.0
+        band = np.round(scaled, out=scaled).astype(np.uint8)
+    elif band.dtype in (np.float32, np.float64):
+        scaled = np.clip(band, 0.0, 1.0)
+        scaled *= 255.0
+        band = np.round(scaled, out=scaled).astype(np.uint8)
+    channels = band.shape[2]
     if channels == 1:
-        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+        return cv2.cvtColor(band[:, :, 0], cv2.COLOR_GRAY2RGB)
     if channels == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if channels == 4 and cmyk:  # OpenCV gives CMYK JPEG 4-channel only on some builds
-        return cv2.cvtColor(image[:, :, :3], cv2.COLOR_BGR2RGB)
-    if channels == 4:  # alpha: composite over black, as a viewer would show an X-ray film
-        bgr = image[:, :, :3].astype(np.float32)
-        alpha = image[:, :, 3:4].astype(np.float32) / 255.0
-        return cv2.cvtColor((bgr * alpha).round().astype(np.uint8), cv2.COLOR_BGR2RGB)
-    raise ImageDecodeError(f"unsupported channel count {channels}")
+        return cv2.cvtColor(band, cv2.COLOR_BGR2RGB)
+    if cmyk:  # OpenCV gives CMYK JPEG 4-channel only on some builds
+        return cv2.cvtColor(np.ascontiguousarray(band[:, :, :3]), cv2.COLOR_BGR2RGB)
+    # alpha: composite over black, as a viewer would show an X-ray film
+    bgr = band[:, :, :3].astype(np.float32)
+    alpha = band[:, :, 3:4].astype(np.float32)
+    alpha /= 255.0
+    bgr *= alpha
+    return cv2.cvtColor(np.round(bgr, out=bgr).astype(np.uint8), cv2.COLOR_BGR2RGB)
 
 
-def load_image(path: Path | str, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
+def decode_checked(data: bytes, max_pixels: int = MAX_PIXELS_DEFAULT,
+                   max_bytes: int = MAX_DECODED_BYTES_DEFAULT) -> np.ndarray:
+    """:func:`decode_image` plus the server's image-level checks (:func:`ood.check_image`).
+
+    What the data stages keep: exactly the images the server would decode and not refuse before
+    the models run. Raises :class:`ImageRejected` with the decode or image-level reason.
+    """
+    rgb = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+    check = ood.check_image(rgb)
+    if not check.ok:
+        raise ImageRejected(check.reason, check.message)
+    return rgb
+
+
+def load_image(path: Path | str, max_pixels: int = MAX_PIXELS_DEFAULT,
+               max_bytes: int = MAX_DECODED_BYTES_DEFAULT) -> np.ndarray:
     """Read and decode a file; errors name the file."""
     path = Path(path)
     try:
-        return decode_image(path.read_bytes(), max_pixels=max_pixels)
+        return decode_image(path.read_bytes(), max_pixels=max_pixels, max_bytes=max_bytes)
     except ImageDecodeError as exc:
-        raise ImageDecodeError(f"{path}: {exc}") from exc
+        raise ImageDecodeError(exc.reason, f"{path}: {exc}") from exc
 
 
 def resize_square(rgb: np.ndarray, img_size: int) -> np.ndarray:

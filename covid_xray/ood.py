@@ -41,6 +41,11 @@ MAX_NOISE_RATIO = 0.35
 is smooth (X-rays 0.02-0.12), pixel noise is not (0.9) and nor are text strokes (0.5)."""
 MIN_GREY_STD = 4.0
 """A (nearly) uniform image carries nothing to classify."""
+MIN_SIDE = 32
+"""Fewer pixels than this on a side (a thumbnail, a 1-pixel file) carry nothing to classify;
+real X-rays have hundreds, the demo data at least 37 at its smallest setting."""
+IMAGE_REASONS: tuple[str, ...] = ("too_small", "colour", "blank", "document", "noise")
+"""``OodResult.reason`` of :func:`check_image`, in the order they are tried."""
 ANALYSIS_SIZE = 256
 
 
@@ -292,7 +297,16 @@ def _page_fraction(grey: np.ndarray) -> float:
 
 
 def check_image(rgb: np.ndarray) -> OodResult:
-    """Image-level checks (no model): colour, printed page, noise, blank."""
+    """Image-level checks (no model): size, colour, printed page, noise, blank.
+
+    The server runs them before the models; the data stages through ``imaging.decode_checked``,
+    so training data holds nothing the server would refuse.
+    """
+    height, width = rgb.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        return OodResult(False, "too_small", f"This image is only {width}x{height} pixels; a "
+                         f"chest X-ray needs at least {MIN_SIDE} on each side.",
+                         {"width": float(width), "height": float(height)})
     m = image_measures(rgb)
     if m["colourfulness"] > MAX_COLOURFULNESS or m["coloured_fraction"] > MAX_COLOURED_FRACTION:
         return OodResult(False, "colour", "This image is in colour; chest X-rays are greyscale. "

@@ -4,7 +4,8 @@ Both front ends call :meth:`PredictionService.predict_bytes`, so a file gives th
 whichever way it is submitted. Models are loaded once and warmed up at start-up; a missing or
 incompatible model file stops start-up with a message naming the file.
 
-Pipeline per image: content-based decode (``imaging.decode_image``, pixel cap) -> image-level
+Pipeline per image: content-based decode (``imaging.decode_image``: pixel and decoded-bytes caps,
+truncated/corrupt data refused, large decodes bounded by ``decode_slots``) -> image-level
 out-of-distribution checks (colour, page, noise) -> ``imaging`` preprocessing (the training
 recipe) -> backbone -> each model's head -> feature-distance check per model -> verdict with the
 model's own operating threshold. When the two models share the identical frozen backbone (same
@@ -26,7 +27,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from covid_xray import imaging, ood
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS
@@ -49,6 +49,13 @@ DISCLAIMER = ("Not a diagnostic device: an educational demonstration only. Do no
 PREVIEW_SIZE = 384
 """Longest side of the preview and Grad-CAM images returned to the web page."""
 VERSION_HASH_CHARS = 12
+DECODE_SLOTS_DEFAULT = 2
+"""Large decodes (above ``LARGE_DECODE_BYTES``) that may run at once; the others wait."""
+LARGE_DECODE_BYTES = 16 * 1024 * 1024
+"""Decodes up to this size (any ordinary X-ray: 2,000 x 2,000 grey is 4 MiB) never wait for a slot.
+Worst case held by decoding: threads x 16 MiB + slots x (128 MiB cap + its RGB copy)."""
+DECODE_WAIT_S = 30.0
+"""How long a large upload waits for a decode slot before the answer is 503."""
 
 
 class InputError(ValueError):
@@ -170,13 +177,21 @@ class PredictionService:
     """Both models, loaded once; ``predict_bytes`` turns an upload into the JSON answer."""
 
     def __init__(self, models: list[LoadedModel], max_pixels: int = imaging.MAX_PIXELS_DEFAULT,
-                 share_backbone: bool = True, ood_tolerance: float = 1.0) -> None:
+                 share_backbone: bool = True, ood_tolerance: float = 1.0,
+                 max_bytes: int = imaging.MAX_DECODED_BYTES_DEFAULT,
+                 decode_slots: int = DECODE_SLOTS_DEFAULT,
+                 decode_wait_s: float = DECODE_WAIT_S) -> None:
         if not models:
             raise ModelLoadError("no models to serve")
         if ood_tolerance <= 0:
             raise ValueError(f"ood_tolerance must be positive, got {ood_tolerance}")
+        if decode_slots < 1:
+            raise ValueError(f"decode_slots must be at least 1, got {decode_slots}")
         self.models = models
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.decode_wait_s = decode_wait_s
+        self.decode_slots = threading.BoundedSemaphore(decode_slots)
         self.ood_tolerance = ood_tolerance
         self._gradcam_lock = threading.Lock()
         groups: dict[tuple[int, str], list[LoadedModel]] = {}
@@ -191,7 +206,9 @@ class PredictionService:
     @classmethod
     def load(cls, models_dir: Path | str = "models", names: Sequence[str] = MODEL_NAMES,
              max_pixels: int = imaging.MAX_PIXELS_DEFAULT, warm_up: bool = True,
-             share_backbone: bool = True, ood_tolerance: float = 1.0) -> PredictionService:
+             share_backbone: bool = True, ood_tolerance: float = 1.0,
+             max_bytes: int = imaging.MAX_DECODED_BYTES_DEFAULT,
+             decode_slots: int = DECODE_SLOTS_DEFAULT) -> PredictionService:
         """Load every model (``<models_dir>/<name>.keras`` + ``.json``) and warm them up.
 
         ``ood_tolerance`` scales the fitted feature-distance limit (1 = as fitted at training;
@@ -203,7 +220,8 @@ class PredictionService:
             raise ModelLoadError(f"{models_dir}: models directory not found; run `dvc repro` "
                                  "or pass --models-dir")
         service = cls([_load_model(name, models_dir) for name in names], max_pixels=max_pixels,
-                      share_backbone=share_backbone, ood_tolerance=ood_tolerance)
+                      share_backbone=share_backbone, ood_tolerance=ood_tolerance,
+                      max_bytes=max_bytes, decode_slots=decode_slots)
         if warm_up:
             service.warm_up()
         return service
@@ -224,21 +242,38 @@ class PredictionService:
     # -- the prediction ------------------------------------------------------------------------
 
     def decode(self, data: bytes) -> tuple[np.ndarray, imaging.ImageInfo]:
-        """Content-based decode with the pixel cap; errors become ``InputError`` (400/415)."""
+        """``imaging.decode_image`` (the stages' decode); errors become ``InputError``.
+
+        415 for content that is not an image, 400 for an empty, too large, truncated or corrupt
+        one. Both caps are checked on the header first; a decode needing more than
+        ``LARGE_DECODE_BYTES`` waits for one of ``decode_slots`` (503 after ``decode_wait_s``), so
+        concurrent large uploads cannot exhaust memory or stall small ones.
+        """
         if not data:
             raise InputError("empty upload: send an image file (JPEG or PNG)", 400)
         try:
             info = imaging.read_image_info(data)
+            needed = imaging.check_limits(info, self.max_pixels, self.max_bytes)
         except imaging.ImageDecodeError as exc:
-            if isinstance(exc.__cause__, Image.DecompressionBombError):
-                raise InputError(f"image refused: its declared size is too large "
-                                 f"({exc.__cause__})", 400) from exc
-            raise InputError(f"not an image: {exc}; send a JPEG or PNG chest X-ray", 415) from exc
+            if exc.reason == "not_image":
+                raise InputError(f"not an image: {exc}; send a JPEG or PNG chest X-ray",
+                                 415) from exc
+            raise InputError(f"image refused: {exc}", 400) from exc
+        if needed <= LARGE_DECODE_BYTES:
+            return self._decode_known(data, info), info
+        if not self.decode_slots.acquire(timeout=self.decode_wait_s):
+            raise InputError("server busy decoding other large images; retry in a moment", 503)
         try:
-            rgb = imaging.decode_image(data, max_pixels=self.max_pixels)
+            return self._decode_known(data, info), info
+        finally:
+            self.decode_slots.release()
+
+    def _decode_known(self, data: bytes, info: imaging.ImageInfo) -> np.ndarray:
+        try:
+            return imaging.decode_image(data, max_pixels=self.max_pixels,
+                                        max_bytes=self.max_bytes)
         except imaging.ImageDecodeError as exc:
             raise InputError(f"cannot use this {info.format} image: {exc}", 400) from exc
-        return rgb, info
 
     def predict_bytes(self, data: bytes, gradcam: bool = False) -> dict[str, Any]:
         """Upload bytes -> the JSON-ready answer (see docs/serving.md for the fields)."""

@@ -299,3 +299,52 @@ def test_flask_run_finds_the_factory_and_reads_the_environment(
     app = ScriptInfo(app_import_path="covid_xray.serving.app").load_app()
     assert app.config["MAX_CONTENT_LENGTH"] == 3 * 1024 * 1024
     assert app.test_client().get("/healthz").get_json()["status"] == "ok"
+
+
+# -- issue 10: truncated data, decoded-bytes cap, bounded large decodes, image-level reasons ------
+
+
+def zero_png(width: int, height: int, bit_depth: int = 16, colour_type: int = 6) -> bytes:
+    """A complete PNG of zeros built row by row (16-bit RGBA by default: tiny file, huge decode)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+    row = b"\0" * (1 + width * channels * bit_depth // 8)
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
+            + chunk(b"IEND", b""))
+
+
+def test_jpeg_cut_in_half_with_an_end_marker_is_400(client: FlaskClient,
+                                                    xray_jpeg: bytes) -> None:
+    cut = xray_jpeg[: len(xray_jpeg) // 2] + b"\xff\xd9"  # decodes silently with a grey half
+    assert_json_error(post_file(client, cut), 400, r"truncated JPEG data .*premature end")
+
+
+def test_small_16bit_rgba_bomb_is_refused_by_its_decoded_size(client: FlaskClient) -> None:
+    bomb = zero_png(7000, 7000)  # 0.4 MB upload, under the pixel cap, 374 MiB decoded
+    assert_json_error(post_file(client, bomb), 400, r"374 MiB once decoded, above the limit")
+
+
+def test_one_pixel_image_is_refused_as_too_small(client: FlaskClient) -> None:
+    body = post_file(client, pil_bytes(Image.new("L", (1, 1), 128), "PNG")).get_json()
+    assert body["in_distribution"] is False and body["refused_by"] == "too_small"
+    assert all(a["label"] is None for a in body["models"].values())
+
+
+def test_large_decodes_wait_for_a_slot_and_small_ones_never_do(
+        service: PredictionService, xray_jpeg: bytes) -> None:
+    bounded = PredictionService(service.models, decode_slots=1, decode_wait_s=0.2)
+    client = create_app({"SERVICE": bounded}).test_client()
+    large = zero_png(1500, 1500)  # 17 MiB decoded: above LARGE_DECODE_BYTES
+    assert bounded.decode_slots.acquire(timeout=1)  # another large decode holds the only slot
+    try:
+        assert_json_error(post_file(client, large), 503, "busy decoding other large images")
+        assert post_file(client, xray_jpeg).status_code == 200  # an ordinary X-ray: no wait
+    finally:
+        bounded.decode_slots.release()
+    response = post_file(client, large)
+    assert response.status_code == 200 and response.get_json()["refused_by"] == "blank"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import zlib
 from pathlib import Path
 
@@ -31,9 +32,12 @@ from covid_xray.params import CopyParams
 
 # ------------------------------------------------------------------------------------ builders
 def image_bytes(key: str, ext: str = ".jpeg", size: int = 32) -> bytes:
-    """Small grey image bytes, content unique to ``key``."""
+    """Small, smooth grey image bytes (film-like: the server's checks accept it), unique to
+    ``key``."""
     seed = zlib.crc32(key.encode())
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size + seed % 9), np.uint8)
+    noise = np.random.default_rng(seed).normal(size=(size, size + seed % 9)).astype(np.float32)
+    smooth = cv2.GaussianBlur(noise, (0, 0), 3)
+    pixels = cv2.normalize(smooth, None, 20, 235, cv2.NORM_MINMAX).astype(np.uint8)
     ok, buffer = cv2.imencode(ext, pixels)
     assert ok
     return buffer.tobytes()
@@ -130,7 +134,7 @@ def test_kermany_patient_ids_from_file_names(name: str, patient: str) -> None:
     (lambda: image_bytes("ok", ".jpg"), None),
     (lambda: image_bytes("ok", ".png"), None),
     (lambda: _cut(image_bytes("cut", ".jpg", size=64)), "truncated"),
-    (lambda: _cut(image_bytes("cut", ".png", size=64)), "corrupt"),
+    (lambda: _cut(image_bytes("cut", ".png", size=64)), "truncated"),
     (corrupt_jpeg, "corrupt"),
     (lambda: b"<html>not an x-ray</html>", "not_image"),
     (lambda: b"", "empty"),
@@ -245,7 +249,8 @@ def test_bad_files_are_skipped_listed_and_never_copied(tmp_path: Path) -> None:
     assert reasons["chest_xray/test/NORMAL/notes.txt"] == "not_image"
     assert not set(bad) & set(result.manifest["source"])
     assert result.report["skipped"]["total"] == 5
-    assert result.report["skipped"]["corrupt"] == 2
+    assert result.report["skipped"]["corrupt"] == 1
+    assert result.report["skipped"]["truncated"] == 2
     # one COVID training image less -> one fewer NORMAL/PNEUMONIA image drawn to balance
     assert result.report["images"]["covid_normal"] == {"covid": 9, "normal": 9}
 
@@ -356,4 +361,76 @@ def test_stage_builds_folder_atomically(tmp_path: Path, repo_root: Path,
     with pytest.raises(PipelineError):
         copy_images.main()
     assert (root / "data" / "datasets" / "manifest.csv").is_file()
+    assert [p.name for p in (root / "data").iterdir() if p.name.startswith(".")] == []
+
+
+# ------------------------------------------------- issue 10: what the server refuses, stages skip
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(".png", rgb)
+    assert ok
+    return buffer.tobytes()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+
+def bomb_png(side: int = 60_000) -> bytes:
+    """A PNG declaring ``side`` x ``side`` grey pixels: a decompression bomb by its header."""
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + _png_chunk(b"IEND", b""))
+
+
+def test_images_the_server_refuses_are_skipped_with_its_reasons(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    test_normal = root / "data" / "raw" / "chest_xray" / "test" / "NORMAL"
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)
+    jpeg = image_bytes("cut-with-marker", ".jpg", 64)
+    bad = {
+        "IM-7001-0001.png": _png_bytes(np.full((1, 1), 128, np.uint8)),  # one pixel
+        "IM-7002-0001.png": _png_bytes(noise),  # pure noise
+        "IM-7003-0001.png": bomb_png(),
+        "IM-7004-0001.jpeg": jpeg[: len(jpeg) // 2] + b"\xff\xd9",  # cut, end marker appended
+        "IM-7005-0001.png": _png_bytes(cv2.merge([noise // 4, noise // 4, noise])),  # colour
+    }
+    for name, payload in bad.items():
+        (test_normal / name).write_bytes(payload)
+    result = build(root)
+    skipped = pd.read_csv(root / "data" / "datasets" / "skipped.csv")
+    reasons = dict(zip(skipped["source"].str.rsplit("/", n=1).str[-1],
+                       skipped["reason"].str.split(":").str[0], strict=True))
+    assert reasons == {"IM-7001-0001.png": "too_small", "IM-7002-0001.png": "noise",
+                       "IM-7003-0001.png": "too_large", "IM-7004-0001.jpeg": "truncated",
+                       "IM-7005-0001.png": "colour"}
+    assert result.report["images"]["kermany_test"] == {"normal": 3, "pneumonia": 6}
+    assert result.report["skipped"] == {"total": 5, "colour": 1, "noise": 1, "too_large": 1,
+                                        "too_small": 1, "truncated": 1}
+
+
+def test_all_covid_duplicates_still_write_skipped_csv(tmp_path: Path, repo_root: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages import copy_images
+
+    root = make_tree(tmp_path)
+    images = root / "data" / "raw" / "covid-chestxray-dataset" / "images"
+    heldout = (images / "covid-1000-0.jpg").read_bytes()
+    training = sorted(p for p in images.iterdir() if not p.name.startswith("covid-100"))
+    for path in training:  # every COVID training image is a copy of a held-out one
+        path.write_bytes(heldout)
+    params = (repo_root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(params.replace("heldout_normal: 20", "heldout_normal: 4")
+                                      .replace("heldout_pneumonia: 20", "heldout_pneumonia: 4"))
+    monkeypatch.setenv("COVID_XRAY_ROOT", str(root))
+    with pytest.raises(PipelineError) as caught:
+        copy_images.main()
+    message = str(caught.value)
+    listing = root / "data" / "datasets" / "skipped.csv"
+    assert f"10 duplicate; each is listed with its reason in skipped.csv: {listing}" in message
+    skipped = pd.read_csv(listing)
+    assert sorted(skipped["source"]) == sorted(
+        f"covid-chestxray-dataset/images/{p.name}" for p in training)
+    assert skipped["reason"].str.startswith("duplicate: same content as ").all()
+    assert sorted(p.name for p in listing.parent.iterdir()) == ["skipped.csv"]
     assert [p.name for p in (root / "data").iterdir() if p.name.startswith(".")] == []

@@ -58,10 +58,13 @@ ROWS: list[tuple[str, str, str, str, str, str, str, str, bool]] = [
 
 
 def write_image(path: Path, seed: int, size: int = 32) -> None:
-    """A tiny grey image whose content is unique to ``seed`` (so hashes never collide)."""
+    """A tiny, smooth grey image (film-like: copy_images' image checks accept it) whose content
+    is unique to ``seed`` (so hashes never collide)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size + seed % 7), np.uint8)
-    assert cv2.imwrite(str(path), pixels)
+    noise = np.random.default_rng(seed).normal(size=(size, size + seed % 7)).astype(np.float32)
+    smooth = cv2.GaussianBlur(noise, (0, 0), 3)
+    assert cv2.imwrite(str(path), cv2.normalize(smooth, None, 20, 235, cv2.NORM_MINMAX)
+                       .astype(np.uint8))
 
 
 def write_metadata(dataset: Path, schema: str, rows: list[tuple] = ROWS,
