@@ -63,7 +63,7 @@ def models_ready(models_dir: Path) -> bool:
 
 
 def build_models(target: Path) -> Path:
-    from covid_xray.predict import build_smoke_models, demo_images_by_class, sample_images_by_class
+    from covid_xray.testing import build_smoke_models, demo_images_by_class, sample_images_by_class
 
     images = demo_images_by_class(per_class=16, max_side=320)
     if (SAMPLE / "chest_xray").is_dir():
@@ -79,7 +79,7 @@ def test_image() -> tuple[bytes, str]:
     if (SAMPLE / "chest_xray").is_dir():
         path = sorted((SAMPLE / "chest_xray" / "test" / "NORMAL").glob("*.jpeg"))[0]
         return path.read_bytes(), str(path)
-    from covid_xray.predict import demo_images_by_class
+    from covid_xray.testing import demo_images_by_class
 
     rgb = demo_images_by_class(per_class=1, max_side=1024)["normal"][0]
     return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes(), "demo"

@@ -22,8 +22,9 @@ from sklearn.datasets import load_sample_image
 
 from covid_xray.config import MODEL_NAMES
 from covid_xray.modeling import ModelLoadError
-from covid_xray.predict import PredictionService, demo_images_by_class
+from covid_xray.predict import PredictionService
 from covid_xray.serving import create_app
+from covid_xray.testing import demo_images_by_class
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +300,17 @@ def test_flask_run_finds_the_factory_and_reads_the_environment(
     app = ScriptInfo(app_import_path="covid_xray.serving.app").load_app()
     assert app.config["MAX_CONTENT_LENGTH"] == 3 * 1024 * 1024
     assert app.test_client().get("/healthz").get_json()["status"] == "ok"
+
+
+def test_serving_code_holds_no_stand_in_models() -> None:
+    """The stand-in builders live in ``covid_xray.testing``, not in the code that serves."""
+    import covid_xray.cli
+    import covid_xray.predict
+    import covid_xray.serving.app
+    import covid_xray.testing
+
+    stand_ins = ("build_smoke_models", "ensure_smoke_models", "demo_images_by_class",
+                 "sample_images_by_class", "SMOKE_CLASSES")
+    for module in (covid_xray.predict, covid_xray.serving.app, covid_xray.cli):
+        assert not [name for name in stand_ins if hasattr(module, name)], module.__name__
+    assert all(callable(getattr(covid_xray.testing, name)) for name in stand_ins[:4])

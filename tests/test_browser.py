@@ -19,8 +19,9 @@ from conftest import sample_dir
 from sklearn.datasets import load_sample_image
 
 from covid_xray.config import MODEL_NAMES
-from covid_xray.predict import PredictionService, demo_images_by_class
+from covid_xray.predict import PredictionService
 from covid_xray.serving import create_app
+from covid_xray.testing import demo_images_by_class
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path(os.environ.get("COVID_XRAY_CHROMIUM", "/usr/bin/chromium"))

@@ -15,7 +15,7 @@ from sklearn.datasets import load_sample_image
 
 from covid_xray.cli import main
 from covid_xray.config import MODEL_NAMES
-from covid_xray.predict import demo_images_by_class
+from covid_xray.testing import demo_images_by_class
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import requests
 from conftest import sample_dir
 
 from covid_xray.config import MODEL_NAMES
-from covid_xray.predict import demo_images_by_class
+from covid_xray.testing import demo_images_by_class
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 180
