@@ -280,6 +280,9 @@ BIG = bytes(range(256)) * 3000  # 768,000 bytes: above Werkzeug's 500,000-byte b
 @pytest.mark.parametrize(("content_type", "body", "status", "pattern"), [
     ("multipart/form-data", b"--x\r\nno boundary declared", 400,
      "malformed multipart body: the Content-Type header declares no boundary"),
+    ("multipart/form-data; boundary*=UTF-8''%E2%82%AC",  # RFC 2231: the boundary is a euro sign
+     multipart(("file", "a.jpg", b"\xff"), boundary="\u20ac"), 400,
+     "malformed multipart body: the boundary in the Content-Type header is not ASCII"),
     ("multipart/form-data; boundary=XYZ", b"this is not multipart at all", 400,
      "malformed multipart body: the boundary declared in the Content-Type header never starts"),
     ("multipart/form-data; boundary=WRONG", multipart(("file", "a.jpg", BIG)), 400,
@@ -299,8 +302,9 @@ BIG = bytes(range(256)) * 3000  # 768,000 bytes: above Werkzeug's 500,000-byte b
     ("multipart/form-data; boundary=XYZ",
      multipart(*[(f"note{i}", None, b"x") for i in range(20)], ("file", "a.jpg", b"\xff")), 413,
      "too many multipart parts: more than 16"),
-], ids=["no boundary", "not multipart", "wrong boundary, 768 kB", "cut off", "no disposition",
-        "other field", "small plain field", "large plain field", "20 parts"])
+], ids=["no boundary", "non-ASCII boundary", "not multipart", "wrong boundary, 768 kB",
+        "cut off", "no disposition", "other field", "small plain field", "large plain field",
+        "20 parts"])
 def test_multipart_errors_name_the_true_cause(client: FlaskClient, content_type: str,
                                               body: bytes, status: int, pattern: str) -> None:
     """Werkzeug raises one 413 for several causes and drops what it cannot parse; the API

@@ -99,6 +99,9 @@ def _read_upload() -> bytes:
             raise InputError("malformed multipart body: the Content-Type header declares no "
                              "boundary; let the client library build the request (curl -F "
                              "file=@xray.jpeg)")
+        if not boundary.isascii():
+            raise InputError("malformed multipart body: the boundary in the Content-Type header "
+                             "is not ASCII")
         body = request.get_data(cache=True)
         try:
             files, form = request.files, request.form
@@ -138,7 +141,7 @@ def _multipart_problem(body: bytes, boundary: str) -> InputError | None:
     """
     field_limit = int(current_app.config["MAX_FORM_MEMORY_SIZE"])
     parts_limit = int(current_app.config["MAX_FORM_PARTS"])
-    decoder = MultipartDecoder(boundary.encode("latin-1"))
+    decoder = MultipartDecoder(boundary.encode("ascii"))
     decoder.receive_data(body)
     decoder.receive_data(None)
     parts, field, size = 0, None, 0
