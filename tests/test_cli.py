@@ -165,3 +165,19 @@ def test_serve_on_a_busy_port_or_foreign_address_exits_2_naming_it(host: str,
     assert len(lines) == 1 and f"cannot listen on {host}:{port}" in lines[0], done.stderr
     reason = "already in use" if host == "127.0.0.1" else "not an address of this machine"
     assert reason in lines[0], done.stderr
+
+
+def test_connection_limit_beyond_the_open_file_limit_exits_2(tmp_path: Path) -> None:
+    """Waitress would fail on accept() at run time; say so at start, naming the limit."""
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+    done = subprocess.run([*cli(), "serve", "--port", str(free_port()), "--connection-limit",
+                           "1000", "--models-dir", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, check=False, preexec_fn=low_limit)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--connection-limit 1000 needs about 3,256 open files" in lines[0]
+    assert "at most 512" in lines[0], done.stderr
