@@ -12,7 +12,10 @@ Starts ``covid-xray serve`` (waitress) on a free loopback port and measures:
   measured interleaved with the API calls so both see the same machine load), and the API's
   overhead over it at p50 (target: under 15%);
 - for reference, the models alone (shared backbone + heads) and the naive path (each complete
-  Keras model called on its own), and one page request with Grad-CAM.
+  Keras model called on its own), and one page request with Grad-CAM;
+- ``/healthz`` and one prediction on fresh connections, without and then with ``--stalled``
+  connections open that sent headers and a few bytes of a 1 MB body and then nothing (slow
+  clients; waitress's old default connection limit of 100 locked everyone else out).
 
 Prints the figures and writes them to ``benchmarks/results/serving.json``.
 """
@@ -20,6 +23,7 @@ Prints the figures and writes them to ``benchmarks/results/serving.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -63,7 +67,7 @@ def models_ready(models_dir: Path) -> bool:
 
 
 def build_models(target: Path) -> Path:
-    from covid_xray.predict import build_smoke_models, demo_images_by_class, sample_images_by_class
+    from covid_xray.testing import build_smoke_models, demo_images_by_class, sample_images_by_class
 
     images = demo_images_by_class(per_class=16, max_side=320)
     if (SAMPLE / "chest_xray").is_dir():
@@ -79,7 +83,7 @@ def test_image() -> tuple[bytes, str]:
     if (SAMPLE / "chest_xray").is_dir():
         path = sorted((SAMPLE / "chest_xray" / "test" / "NORMAL").glob("*.jpeg"))[0]
         return path.read_bytes(), str(path)
-    from covid_xray.predict import demo_images_by_class
+    from covid_xray.testing import demo_images_by_class
 
     rgb = demo_images_by_class(per_class=1, max_side=1024)["normal"][0]
     return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes(), "demo"
@@ -103,6 +107,22 @@ def start_server(models_dir: Path, port: int) -> subprocess.Popen:
     raise SystemExit("server did not start within 600 s")
 
 
+@contextlib.contextmanager
+def stalled_connections(port: int, count: int):
+    """Connections that announce a 1 MB body, send two bytes of it and then nothing."""
+    conns = []
+    try:
+        for _ in range(count):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+            conn.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000"
+                         b"\r\n\r\n\xff\xd8")
+            conns.append(conn)
+        yield conns
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def timed(call) -> float:
     start = time.perf_counter()
     call()
@@ -115,6 +135,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="sequential latency samples")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
     parser.add_argument("--throughput-requests", type=int, default=40)
+    parser.add_argument("--stalled", type=int, default=200,
+                        help="stalled (slow-client) connections held open for the last check")
     parser.add_argument("--build-dir", type=Path, default=None,
                         help="where to build (and keep) the models when --models-dir has none; "
                              "default: a temporary folder, deleted afterwards")
@@ -182,6 +204,21 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             gradcam = [timed(lambda: session.post(url + "?gradcam=1", data=data, timeout=300))
                        for _ in range(3)]
+
+            health_url = f"http://127.0.0.1:{port}/healthz"
+
+            def fresh_health() -> None:  # a new connection each time: the accept path
+                requests.get(health_url, timeout=300).raise_for_status()
+
+            def fresh_predict() -> None:
+                requests.post(url, data=data, headers={"Content-Type": "image/jpeg"},
+                              timeout=300).raise_for_status()
+
+            quiet = {"healthz": [timed(fresh_health) for _ in range(5)],
+                     "predict": [timed(fresh_predict) for _ in range(3)]}
+            with stalled_connections(port, args.stalled):
+                busy = {"healthz": [timed(fresh_health) for _ in range(5)],
+                        "predict": [timed(fresh_predict) for _ in range(3)]}
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=30)
@@ -203,6 +240,11 @@ def main() -> None:
         "naive_two_full_models_ms_p50": percentile(naive, 50),
         "throughput_rps": done / elapsed, "clients": args.clients, "throughput_requests": done,
         "gradcam_page_request_ms_p50": percentile(gradcam, 50),
+        "stalled_connections": args.stalled,
+        "fresh_connection_ms": {  # max: the first request is the one a lock-out hits
+            kind: {"none_stalled": {"p50": percentile(quiet[kind], 50), "max": max(quiet[kind])},
+                   "with_stalled": {"p50": percentile(busy[kind], 50), "max": max(busy[kind])}}
+            for kind in quiet},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
@@ -219,6 +261,11 @@ def main() -> None:
     print(f"throughput, {args.clients} concurrent clients: {figures['throughput_rps']:.2f} "
           f"requests/s ({done} requests in {elapsed:.1f} s)")
     print(f"page request with Grad-CAM: p50 {figures['gradcam_page_request_ms_p50']:.0f} ms")
+    for kind, values in figures["fresh_connection_ms"].items():
+        quiet_ms, busy_ms = values["none_stalled"], values["with_stalled"]
+        print(f"{kind} on a fresh connection: p50 {quiet_ms['p50']:.1f} ms (max "
+              f"{quiet_ms['max']:.1f}); with {args.stalled} stalled connections open p50 "
+              f"{busy_ms['p50']:.1f} ms (max {busy_ms['max']:.1f})")
     print(f"machine: {figures['machine']}, load average {figures['load_average_1m']:.2f}")
     print(f"written: {RESULTS.relative_to(ROOT)}")
 

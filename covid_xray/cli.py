@@ -5,7 +5,9 @@
 
 ``predict`` goes through the same :class:`~covid_xray.predict.PredictionService` as the API, so the
 numbers are identical. Exit status: 0 all images answered, 1 the models cannot be loaded (the
-message names the file), 2 some images could not be read (their lines carry ``error``).
+message names the file), 2 a bad option (one line naming it; for ``serve`` also a port that cannot
+be listened on) or, for ``predict``, some images could not be read (their lines carry ``error``).
+Option limits and defaults live in :mod:`covid_xray.serving.settings`.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from covid_xray.errors import PipelineError
 from covid_xray.imaging import MAX_PIXELS_DEFAULT
+from covid_xray.serving import settings
+from covid_xray.serving.settings import SettingError
 
 if TYPE_CHECKING:
     from covid_xray.predict import PredictionService
@@ -27,10 +31,29 @@ if TYPE_CHECKING:
 
 OOD_HELP = ("multiplies the feature-distance limit fitted at training (default 1); raise it to "
             "accept images further from the training set")
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _checked(check: Callable[[Any], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` from a settings check; argparse prefixes "argument --name: "."""
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except SettingError as exc:  # "--port must be ..." -> "must be ..."
+            raise argparse.ArgumentTypeError(str(exc).split(" ", 1)[1]) from None
+    parse.__name__ = check.__name__
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="covid-xray",
         description="COVID-19 chest X-ray classifiers (educational, not a diagnostic device).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,20 +62,40 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument("--models-dir", type=Path, default=Path("models"),
                          help="folder holding <model>.keras + <model>.json for both models")
-    predict.add_argument("--max-pixels", type=int, default=MAX_PIXELS_DEFAULT,
-                         help="refuse images with more pixels than this (decompression bombs)")
-    predict.add_argument("--ood-tolerance", type=float, default=1.0, help=OOD_HELP)
+    pixels_help = (f"refuse images with more pixels than this (decompression bombs; "
+                   f"{settings.MIN_MAX_PIXELS:,} to {settings.MAX_MAX_PIXELS:,})")
+    predict.add_argument("--max-pixels", type=_checked(settings.max_pixels),
+                         default=MAX_PIXELS_DEFAULT, help=pixels_help)
+    predict.add_argument("--ood-tolerance", type=_checked(settings.ood_tolerance), default=1.0,
+                         help=OOD_HELP)
 
     serve = sub.add_parser("serve", help="serve the web page and JSON API (waitress)")
-    serve.add_argument("--host", default="127.0.0.1",
+    serve.add_argument("--host", type=_checked(settings.host), default=settings.DEFAULT_HOST,
                        help="interface to listen on (0.0.0.0 for all; default loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_checked(settings.port), default=settings.DEFAULT_PORT,
+                       help="TCP port, 1-65535 (default %(default)s)")
     serve.add_argument("--models-dir", type=Path, default=Path("models"))
-    serve.add_argument("--max-upload-mb", type=float, default=10.0,
-                       help="larger uploads get 413")
-    serve.add_argument("--max-pixels", type=int, default=MAX_PIXELS_DEFAULT)
-    serve.add_argument("--ood-tolerance", type=float, default=1.0, help=OOD_HELP)
-    serve.add_argument("--threads", type=int, default=4, help="waitress worker threads")
+    serve.add_argument("--max-upload-mb", type=_checked(settings.max_upload_mb),
+                       default=settings.DEFAULT_MAX_UPLOAD_MB,
+                       help="larger uploads get a JSON 413 (default %(default)g, at most "
+                            f"{settings.MAX_UPLOAD_MB_LIMIT:g})")
+    serve.add_argument("--max-pixels", type=_checked(settings.max_pixels),
+                       default=MAX_PIXELS_DEFAULT, help=pixels_help)
+    serve.add_argument("--ood-tolerance", type=_checked(settings.ood_tolerance), default=1.0,
+                       help=OOD_HELP)
+    serve.add_argument("--threads", type=_checked(settings.threads),
+                       default=settings.DEFAULT_THREADS,
+                       help=f"waitress worker threads, 1-{settings.MAX_THREADS} "
+                            "(default %(default)s)")
+    serve.add_argument("--connection-limit", type=_checked(settings.connection_limit),
+                       default=settings.DEFAULT_CONNECTION_LIMIT,
+                       help="open connections beyond which new ones wait "
+                            f"({settings.MIN_CONNECTION_LIMIT}-{settings.MAX_CONNECTION_LIMIT:,}; "
+                            "default %(default)s)")
+    serve.add_argument("--channel-timeout", type=_checked(settings.channel_timeout),
+                       default=settings.DEFAULT_CHANNEL_TIMEOUT_S,
+                       help="seconds after which a connection that sends nothing is closed "
+                            f"(1-{settings.MAX_CHANNEL_TIMEOUT_S}; default %(default)s)")
     return parser
 
 
@@ -60,8 +103,6 @@ def _load_service(args: argparse.Namespace) -> PredictionService:
     """Imported lazily: TensorFlow takes seconds to import, ``--help`` should not."""
     from covid_xray.predict import PredictionService
 
-    if args.ood_tolerance <= 0:
-        raise PipelineError(f"--ood-tolerance must be positive, got {args.ood_tolerance}")
     return PredictionService.load(args.models_dir, max_pixels=args.max_pixels,
                                   ood_tolerance=args.ood_tolerance)
 
@@ -84,7 +125,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Load the models (fail fast), then serve under waitress until interrupted."""
+    """Check the address (fail fast), load the models, then serve until interrupted."""
+    settings.check_listen(args.host, args.port)  # before TensorFlow's import: in a second
+    settings.ensure_open_files(args.connection_limit)
+
     import waitress
 
     from covid_xray.serving.app import create_app
@@ -95,11 +139,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app({"SERVICE": service, "MODELS_DIR": str(args.models_dir),
                       "MAX_UPLOAD_MB": args.max_upload_mb, "MAX_PIXELS": args.max_pixels,
                       "OOD_TOLERANCE": args.ood_tolerance})
+    options = settings.waitress_settings(args.host, args.port, args.max_upload_mb, args.threads,
+                                         args.connection_limit, args.channel_timeout)
+    try:
+        server = waitress.create_server(app, **options)
+    except OSError as exc:  # taken between the check and now
+        raise SettingError(f"cannot listen on {args.host}:{args.port}: "
+                           f"{exc.strerror or exc}") from None
     names = ", ".join(f"{m.name} ({m.version()['sha256']})" for m in service.models)
-    print(f"covid-xray: models {names}; serving http://{args.host}:{args.port}/", flush=True)
-    body_limit = int(args.max_upload_mb * 1024 * 1024) * 2 + 65536  # app answers 413 first
-    waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
-                   max_request_body_size=body_limit, ident="covid-xray")
+    print(f"covid-xray: models {names}; serving http://{args.host}:{args.port}/ "
+          f"(connection limit {args.connection_limit}, idle timeout {args.channel_timeout} s)",
+          flush=True)
+    server.run()
     return 0
 
 
@@ -110,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "predict":
             return cmd_predict(args)
         return cmd_serve(args)
+    except SettingError as exc:  # found only when used: a busy port, too few open files
+        print(f"covid-xray {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
     except PipelineError as exc:  # ModelLoadError and friends: one line naming the file
         print(f"covid-xray: error: {exc}", file=sys.stderr)
         return 1

@@ -44,7 +44,7 @@ def sample_dir() -> Path | None:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny real models (32 px VGG16, random frozen backbone), built once per test session."""
-    from covid_xray.predict import ensure_smoke_models
+    from covid_xray.testing import ensure_smoke_models
 
     return ensure_smoke_models(tmp_path_factory.getbasetemp() / "smoke-models", sample_dir())
 

@@ -22,8 +22,10 @@ from sklearn.datasets import load_sample_image
 
 from covid_xray.config import MODEL_NAMES
 from covid_xray.modeling import ModelLoadError
-from covid_xray.predict import PredictionService, demo_images_by_class
-from covid_xray.serving import create_app
+from covid_xray.predict import PredictionService
+from covid_xray.serving.app import create_app
+from covid_xray.serving.settings import SettingError
+from covid_xray.testing import demo_images_by_class
 
 
 @pytest.fixture(scope="module")
@@ -261,18 +263,65 @@ def test_corrupt_png_is_400(client: FlaskClient, xray_rgb: np.ndarray) -> None:
     assert_json_error(post_file(client, bytes(png)), 400, "cannot use this png")
 
 
-@pytest.mark.parametrize(("content_type", "body"), [
-    ("multipart/form-data", b"--x\r\nno boundary declared"),
-    ("multipart/form-data; boundary=XYZ", b"this is not multipart at all"),
+def multipart(*parts: tuple[str, str | None, bytes], boundary: str = "XYZ") -> bytes:
+    """A multipart/form-data body from (field name, file name or None for a plain field, data)."""
+    body = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"'
+                                                     if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data
+        body += b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+BIG = bytes(range(256)) * 3000  # 768,000 bytes: above Werkzeug's 500,000-byte buffer limits
+
+
+@pytest.mark.parametrize(("content_type", "body", "status", "pattern"), [
+    ("multipart/form-data", b"--x\r\nno boundary declared", 400,
+     "malformed multipart body: the Content-Type header declares no boundary"),
+    ("multipart/form-data; boundary*=UTF-8''%E2%82%AC",  # RFC 2231: the boundary is a euro sign
+     multipart(("file", "a.jpg", b"\xff"), boundary="\u20ac"), 400,
+     "malformed multipart body: the boundary in the Content-Type header is not ASCII"),
+    ("multipart/form-data; boundary=XYZ", b"this is not multipart at all", 400,
+     "malformed multipart body: the boundary declared in the Content-Type header never starts"),
+    ("multipart/form-data; boundary=WRONG", multipart(("file", "a.jpg", BIG)), 400,
+     "malformed multipart body: the boundary declared in the Content-Type header never starts"),
     ("multipart/form-data; boundary=XYZ",
      b'--XYZ\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n'
-     b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\xff\xe0 cut off before the closing boundary"),
+     b"Content-Type: image/jpeg\r\n\r\n\xff\xd8\xff\xe0 cut off before the closing boundary",
+     400, "malformed multipart body: the body ends inside a part"),
+    ("multipart/form-data; boundary=XYZ", b"--XYZ\r\nX-Other: 1\r\n\r\ndata\r\n--XYZ--\r\n",
+     400, "malformed multipart body: Missing Content-Disposition header"),
+    ("multipart/form-data; boundary=XYZ", multipart(("other", None, b"value")), 400,
+     r"no multipart file field named 'file' \(fields sent: 'other'\)"),
+    ("multipart/form-data; boundary=XYZ", multipart(("file", None, b"\xff\xd8 image bytes")),
+     400, "'file' is a plain form field, not a file part"),
+    ("multipart/form-data; boundary=XYZ", multipart(("file", None, BIG)), 413,
+     "'file' is a plain form field larger than the 500,000 bytes allowed"),
     ("multipart/form-data; boundary=XYZ",
-     b'--XYZ\r\nContent-Disposition: form-data; name="other"\r\n\r\nvalue\r\n--XYZ--\r\n'),
-])
-def test_malformed_multipart_is_400(client: FlaskClient, content_type: str, body: bytes) -> None:
+     multipart(*[(f"note{i}", None, b"x") for i in range(20)], ("file", "a.jpg", b"\xff")), 413,
+     "too many multipart parts: more than 16"),
+], ids=["no boundary", "non-ASCII boundary", "not multipart", "wrong boundary, 768 kB",
+        "cut off", "no disposition", "other field", "small plain field", "large plain field",
+        "20 parts"])
+def test_multipart_errors_name_the_true_cause(client: FlaskClient, content_type: str,
+                                              body: bytes, status: int, pattern: str) -> None:
+    """Werkzeug raises one 413 for several causes and drops what it cannot parse; the API
+    names the cause (a wrong boundary used to get "too large: the limit is 4 MB")."""
+    assert len(body) < 4 * 1024 * 1024  # never the upload limit
     response = client.post("/api/predict", data=body, content_type=content_type)
-    assert_json_error(response, 400, "multipart")
+    assert_json_error(response, status, pattern)
+
+
+def test_multipart_file_part_still_works_next_to_small_fields(client: FlaskClient,
+                                                              xray_jpeg: bytes) -> None:
+    body = multipart(("note", None, b"x"), ("file", "scan.jpeg", xray_jpeg))
+    response = client.post("/api/predict", data=body,
+                           content_type="multipart/form-data; boundary=XYZ")
+    assert response.status_code == 200
+    assert probabilities(response.get_json()) == probabilities(post_file(client,
+                                                                         xray_jpeg).get_json())
 
 
 def test_form_encoded_body_is_415(client: FlaskClient) -> None:
@@ -281,6 +330,22 @@ def test_form_encoded_body_is_415(client: FlaskClient) -> None:
 
 
 # -- start-up ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("variable", "value", "pattern"), [
+    ("COVID_XRAY_MAX_UPLOAD_MB", "nan", "COVID_XRAY_MAX_UPLOAD_MB must be a finite number"),
+    ("COVID_XRAY_MAX_UPLOAD_MB", "-1", "COVID_XRAY_MAX_UPLOAD_MB must be above 0"),
+    ("COVID_XRAY_MAX_PIXELS", "0", "COVID_XRAY_MAX_PIXELS must be from 65,536"),
+    ("COVID_XRAY_OOD_TOLERANCE", "nan", "COVID_XRAY_OOD_TOLERANCE must be a finite number"),
+])
+def test_flask_run_settings_are_validated_naming_the_variable(
+        variable: str, value: str, pattern: str, models_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same checks as ``serve``'s options, for ``flask run``'s environment variables."""
+    monkeypatch.setenv("COVID_XRAY_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingError, match=pattern):
+        create_app()
 
 
 def test_app_refuses_to_start_without_models(tmp_path: Path) -> None:
@@ -348,3 +413,17 @@ def test_large_decodes_wait_for_a_slot_and_small_ones_never_do(
         bounded.decode_slots.release()
     response = post_file(client, large)
     assert response.status_code == 200 and response.get_json()["refused_by"] == "blank"
+
+
+def test_serving_code_holds_no_stand_in_models() -> None:
+    """The stand-in builders live in ``covid_xray.testing``, not in the code that serves."""
+    import covid_xray.cli
+    import covid_xray.predict
+    import covid_xray.serving.app
+    import covid_xray.testing
+
+    stand_ins = ("build_smoke_models", "ensure_smoke_models", "demo_images_by_class",
+                 "sample_images_by_class", "SMOKE_CLASSES")
+    for module in (covid_xray.predict, covid_xray.serving.app, covid_xray.cli):
+        assert not [name for name in stand_ins if hasattr(module, name)], module.__name__
+    assert all(callable(getattr(covid_xray.testing, name)) for name in stand_ins[:4])

@@ -13,7 +13,7 @@ from sklearn.datasets import load_sample_image
 
 from covid_xray import imaging, ood
 from covid_xray.modeling import build_backbone, pooled_features
-from covid_xray.predict import demo_images_by_class
+from covid_xray.testing import demo_images_by_class
 
 IMG_SIZE = 32
 

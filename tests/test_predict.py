@@ -16,12 +16,8 @@ from sklearn.datasets import load_sample_image
 from covid_xray import imaging
 from covid_xray.config import MODEL_NAMES
 from covid_xray.modeling import ModelLoadError
-from covid_xray.predict import (
-    DISCLAIMER,
-    InputError,
-    PredictionService,
-    demo_images_by_class,
-)
+from covid_xray.predict import DISCLAIMER, InputError, PredictionService
+from covid_xray.testing import demo_images_by_class
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@ field (timings aside), since both go through the one prediction service.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,7 +25,7 @@ import requests
 from conftest import sample_dir
 
 from covid_xray.config import MODEL_NAMES
-from covid_xray.predict import demo_images_by_class
+from covid_xray.testing import demo_images_by_class
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 180
@@ -51,15 +53,15 @@ def jpeg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``covid-xray serve`` as a child process; yields its base URL."""
+@contextlib.contextmanager
+def running_server(models_dir: Path, log_dir: Path, *options: str) -> Iterator[str]:
+    """``covid-xray serve`` as a child process on a free loopback port; yields its base URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log_path = log_dir / f"server-{port}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [*cli(), "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--models-dir", str(models_dir), "--max-upload-mb", "1"],
+             "--models-dir", str(models_dir), *options],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -83,6 +85,14 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server with its default limits (except a 1 MB upload limit, to keep bodies small)."""
+    with running_server(models_dir, tmp_path_factory.mktemp("server"),
+                        "--max-upload-mb", "1") as base:
+        yield base
 
 
 def without_timing(answer: dict) -> dict:
@@ -142,3 +152,120 @@ def test_server_refuses_to_start_without_models(tmp_path: Path) -> None:
                           check=False)
     assert done.returncode == 1
     assert "covid_normal.keras" in done.stderr and "not found" in done.stderr
+
+
+# -- slow clients and limits (waitress settings from covid_xray.serving.settings) ----------------
+
+
+def stalled_connections(base: str, count: int) -> list[socket.socket]:
+    """Connections that send headers announcing a 1 MB body, a few bytes of it, then nothing."""
+    port = int(base.rsplit(":", 1)[1])
+    stalled = []
+    for _ in range(count):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: image/jpeg\r\nContent-Length: 1000000\r\n\r\n\xff\xd8")
+        stalled.append(conn)
+    return stalled
+
+
+def closed_by_server(conn: socket.socket, wait_s: float) -> bool:
+    conn.settimeout(wait_s)
+    try:
+        return conn.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+ANSWER_WITHIN_S = 30
+"""A functional bound (a locked-out request waits for the idle timeout, by default 30 s, or
+forever), not a performance figure: an answer normally takes well under a second."""
+
+
+def test_slow_clients_do_not_lock_others_out(server: str, jpeg_file: Path) -> None:
+    """100 connections that never finish their body (waitress's old default limit was 100)."""
+    stalled = stalled_connections(server, 100)
+    try:
+        health = requests.get(f"{server}/healthz", timeout=ANSWER_WITHIN_S)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        with jpeg_file.open("rb") as handle:
+            answer = requests.post(f"{server}/api/predict", files={"file": ("x.jpeg", handle)},
+                                   timeout=ANSWER_WITHIN_S)
+        assert answer.status_code == 200 and answer.json()["in_distribution"] is True
+    finally:
+        for conn in stalled:
+            conn.close()
+
+
+def test_idle_connections_are_closed_and_free_the_limit(models_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """With the limit reached by stalled clients, a new request waits only for the idle timeout."""
+    with running_server(models_dir, tmp_path, "--connection-limit", "10",
+                        "--channel-timeout", "2") as base:
+        stalled = stalled_connections(base, 12)  # more than the limit: some wait in the backlog
+        try:
+            health = requests.get(f"{base}/healthz", timeout=ANSWER_WITHIN_S)
+            assert health.status_code == 200
+            assert all(closed_by_server(conn, ANSWER_WITHIN_S) for conn in stalled)
+        finally:
+            for conn in stalled:
+                conn.close()
+        log = "".join(p.read_text() for p in tmp_path.glob("server-*.log"))
+        assert "connection limit 10, idle timeout 2 s" in log
+
+
+# -- errors: JSON with the true cause wherever the app sees the request ---------------------------
+
+
+def multipart_body(boundary: str, name: str, filename: str | None, data: bytes) -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return (f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data
+            + f"\r\n--{boundary}--\r\n".encode())
+
+
+def test_multipart_faults_are_named_not_called_too_large(server: str) -> None:
+    data = bytes(range(256)) * 3000  # 768,000 bytes: below the 1 MB upload limit
+    wrong = requests.post(f"{server}/api/predict", data=multipart_body("A", "file", "x.jpg", data),
+                          headers={"Content-Type": "multipart/form-data; boundary=B"},
+                          timeout=60)
+    assert wrong.status_code == 400
+    assert "malformed multipart body" in wrong.json()["error"]
+    field = requests.post(f"{server}/api/predict", files={"file": (None, data)}, timeout=60)
+    assert field.status_code == 413
+    assert "'file' is a plain form field larger than the 500,000 bytes" in field.json()["error"]
+    parts = requests.post(f"{server}/api/predict", timeout=60,
+                          files=[(f"n{i}", (None, b"x")) for i in range(20)])
+    assert parts.status_code == 413 and "too many multipart parts" in parts.json()["error"]
+
+
+def test_bodies_up_to_four_times_the_limit_get_the_json_413(server: str) -> None:
+    """Waitress used to answer bodies over twice the limit itself, in plain text."""
+    body = b"\0" * (3 * 1024 * 1024)
+    response = requests.post(f"{server}/api/predict", data=body,
+                             headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert response.status_code == 413
+    assert response.json()["error"] == "upload too large: 3.00 MB sent, the limit is 1 MB"
+
+
+def raw_exchange(base: str, request: bytes) -> bytes:
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_requests_waitress_refuses_before_the_app_are_the_documented_ones(server: str) -> None:
+    """docs/serving.md: over the body cap (announced, never read) and over 64 KiB of headers,
+    waitress answers in plain text; the app never sees those requests."""
+    over_cap = raw_exchange(server, b"POST /api/predict HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Length: 6000000\r\nConnection: close\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 413 ", over_cap) and b"max_body of 5242880" in over_cap
+    start = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: "
+    # exactly the limit, all of it read by waitress (unread bytes would reset the connection)
+    long_headers = raw_exchange(server, start + b"a" * (65536 - len(start)))
+    assert re.match(rb"HTTP/1\.[01] 431 ", long_headers) and b"65536" in long_headers

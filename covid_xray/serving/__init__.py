@@ -1,5 +1,5 @@
-"""Web serving: the Flask app factory (``create_app``), its page, static files and JSON API."""
+"""Web serving: the Flask app factory (``covid_xray.serving.app.create_app``), its page, static
+files and JSON API, and the server's option checks (``covid_xray.serving.settings``).
 
-from covid_xray.serving.app import create_app
-
-__all__ = ["create_app"]
+Nothing is imported here, so the CLI can check options without loading TensorFlow.
+"""
