@@ -152,14 +152,11 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_stage(main: Callable[[], None], skip_teardown: bool = False) -> None:
+def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main()``: user errors become one clear line and exit status 1.
 
-    ``skip_teardown``: after a successful ``main()``, flush the logs and streams and end the
-    process at once (``os._exit(0)``) instead of the interpreter's normal shutdown. For stages that
-    imported TensorFlow, whose teardown takes ~1.5 s on the 2-core build machine and only releases
-    memory the operating system reclaims anyway; every output is written and renamed into place
-    by then (atomic writes), and failures still exit the normal way.
+    A successful ``main()`` returns here and the interpreter shuts down the normal way (atexit
+    handlers, buffered streams and library teardown all run).
     """
     from covid_xray.params import ParamsError
 
@@ -169,8 +166,3 @@ def run_stage(main: Callable[[], None], skip_teardown: bool = False) -> None:
     except (ParamsError, PipelineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    if skip_teardown:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
