@@ -17,7 +17,6 @@ their inodes (DVC does not even re-hash them).
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import logging
 import os
@@ -37,7 +36,6 @@ import requests
 from tqdm import tqdm
 
 from covid_xray.config import Paths, resolve_path
-from covid_xray.demo import generate_demo
 from covid_xray.io import (
     PipelineError,
     atomic_dir,
@@ -140,6 +138,10 @@ def acquire(params: Params, paths: Paths, archives: Sequence[RemoteArchive] = DA
     with atomic_dir(paths.raw) as tmp:
         _chmod_like_mkdir(tmp)
         if kind == "demo":
+            # Imported here: OpenCV and NumPy take ~0.15 s to import, and the stage runs on every
+            # `dvc repro` but generates the demo only when its params changed.
+            from covid_xray.demo import generate_demo
+
             summary: dict[str, Any] = {
                 **_demo_identity(params),
                 "generated": generate_demo(tmp, params.data.demo, params.seed, progress=progress)}
@@ -178,8 +180,8 @@ def source_inputs(params: Params, paths: Paths, archives: Sequence[RemoteArchive
     """Everything ``data/raw``'s content follows from, besides the files of a local folder: the
     source, the demo's params and seed or each archive's size and mtime, and this code (the
     demo generator and the layout rules). ``None`` when an archive is still to be downloaded."""
-    code = {Path(module).name: sha256_file(Path(module))
-            for module in (__file__, inspect.getfile(generate_demo))}
+    here = Path(__file__)
+    code = {module.name: sha256_file(module) for module in (here, here.with_name("demo.py"))}
     kind = params.data.source_kind
     if kind == "demo":
         what = _demo_identity(params)
