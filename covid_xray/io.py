@@ -90,13 +90,13 @@ def _new_temp(target: Path, make: Callable[[str, Path], str]) -> Path:
     with _temps_lock:
         remove_stale_temps(target)
         tmp = Path(make(f".{target.name}{TEMP_MARK}{os.getpid()}-", target.parent))
-        _open_temps.add(tmp)
+        _open_temps.add(Path(os.path.abspath(tmp)))
     return tmp
 
 
 def _done_with_temp(tmp: Path) -> None:
     with _temps_lock:
-        _open_temps.discard(tmp)
+        _open_temps.discard(Path(os.path.abspath(tmp)))
 
 
 def remove_stale_temps(target: Path) -> list[Path]:
@@ -114,7 +114,8 @@ def remove_stale_temps(target: Path) -> list[Path]:
     removed = []
     for entry in candidates:
         pid = entry.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or entry in _open_temps or _writer_may_run(int(pid), entry):
+        if not pid.isdigit() or Path(os.path.abspath(entry)) in _open_temps \
+                or _writer_may_run(int(pid), entry):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

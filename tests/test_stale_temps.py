@@ -69,11 +69,14 @@ def test_a_running_writers_temporary_is_kept(tmp_path: Path) -> None:
         writer.wait()
 
 
-def test_this_process_keeps_its_open_temporaries(tmp_path: Path) -> None:
+def test_this_process_keeps_its_open_temporaries(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     leaked = _leave_temp(tmp_path, "features", os.getpid())  # an earlier process with our pid
     with atomic_dir(tmp_path / "features") as folder:
         assert not leaked.exists()
         assert remove_stale_temps(tmp_path / "features") == []
+        monkeypatch.chdir(tmp_path)  # the same target, spelt relative
+        assert remove_stale_temps(Path("features")) == []
         assert folder.is_dir()
         (folder / "a.txt").write_text("a")
     assert (tmp_path / "features" / "a.txt").read_text() == "a"
