@@ -6,11 +6,18 @@ a failed download, a refused archive or a bad folder leaves the previous ``data/
 Downloads are cached in ``data/downloads/`` (git-ignored, never removed), resume from a ``.part``
 file via HTTP ``Range``, are checked for size and (where published) SHA-256, and are extracted by
 code that refuses any archive member that would land outside the target folder.
+
+DVC runs the stage on every ``dvc repro`` (a local folder can change where DVC does not look):
+:func:`refresh` keeps ``data/raw`` when its stamp says it still matches the source (same demo
+params, same archive files, same local files: a stat per file) and rebuilds it otherwise. A local
+folder is rebuilt as hard links, never copied, so a rebuild is cheap and unchanged files keep
+their inodes (DVC does not even re-hash them).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import re
@@ -29,9 +36,8 @@ import requests
 from tqdm import tqdm
 
 from covid_xray.config import Paths, resolve_path
-from covid_xray.demo import generate_demo
 from covid_xray.errors import PipelineError
-from covid_xray.io import atomic_dir, sha256_file, write_json
+from covid_xray.io import atomic_dir, read_json, sha256_file, write_json, write_text
 from covid_xray.params import Params
 
 log = logging.getLogger("acquire")
@@ -94,6 +100,25 @@ computed SHA-256 is recorded in ``data/raw/SOURCE.json`` (set ``sha256`` here to
 # Entry point
 # --------------------------------------------------------------------------------------------
 
+def refresh(params: Params, paths: Paths, archives: Sequence[RemoteArchive] = DATASETS,
+            progress: bool = True) -> tuple[dict[str, Any], bool]:
+    """What the stage does on every ``dvc repro`` (it is ``always_changed``): keep ``data/raw``
+    when it still matches its source, else rebuild it (:func:`acquire`).
+
+    Returns what SOURCE.json holds and whether ``data/raw`` was rebuilt. Kept untouched, its
+    hash is unchanged and DVC skips every stage after it; rebuilt from unchanged files, it hashes
+    the same too (the demo is deterministic, local files are the same hard links), so downstream
+    stages re-run only when the data really changed. The check costs a stat per file (see
+    :func:`raw_is_current`).
+    """
+    kind = params.data.source_kind
+    folder = resolve_local_source(params.data.source, paths) if kind == "local" else None
+    inputs = source_inputs(params, paths, archives, folder)
+    if inputs is not None and raw_is_current(paths.raw, inputs, folder):
+        return read_json(paths.raw / SOURCE_FILE), False
+    return acquire(params, paths, archives, progress), True
+
+
 def acquire(params: Params, paths: Paths, archives: Sequence[RemoteArchive] = DATASETS,
             progress: bool = True) -> dict[str, Any]:
     """Rebuild ``paths.raw`` from ``params.data.source``; returns what SOURCE.json holds."""
@@ -107,8 +132,12 @@ def acquire(params: Params, paths: Paths, archives: Sequence[RemoteArchive] = DA
     with atomic_dir(paths.raw) as tmp:
         _chmod_like_mkdir(tmp)
         if kind == "demo":
+            # Imported here: OpenCV and NumPy take ~0.15 s to import, and the stage runs on every
+            # `dvc repro` but generates the demo only when its params changed.
+            from covid_xray.demo import generate_demo
+
             summary: dict[str, Any] = {
-                "source": "demo", "seed": params.seed, "demo": asdict(params.data.demo),
+                **_demo_identity(params),
                 "generated": generate_demo(tmp, params.data.demo, params.seed, progress=progress)}
         elif kind == "download":
             summary = {"source": "download",
@@ -121,7 +150,87 @@ def acquire(params: Params, paths: Paths, archives: Sequence[RemoteArchive] = DA
         (tmp / EXTERNAL_DIR).mkdir(exist_ok=True)  # always there: audit and validate depend on it
         summary["counts"] = count_raw(tmp)
         write_json(tmp / SOURCE_FILE, summary)
+        stamp = {"inputs": source_inputs(params, paths, archives, folder),
+                 "files": file_states(tmp)}
+        write_text(tmp / STAMP_FILE, json.dumps(stamp, separators=(",", ":")))
     return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Is data/raw current? (the stamp)
+# --------------------------------------------------------------------------------------------
+
+STAMP_FILE = ".acquire-stamp.json"
+"""In ``data/raw``: what it was built from and the size and mtime of each file as written.
+Listed in .dvcignore, so not part of data/raw's hash (mtimes differ from one build to the next)."""
+
+
+def _demo_identity(params: Params) -> dict[str, Any]:
+    return {"source": "demo", "seed": params.seed, "demo": asdict(params.data.demo)}
+
+
+def source_inputs(params: Params, paths: Paths, archives: Sequence[RemoteArchive],
+                  folder: Path | None) -> dict[str, Any] | None:
+    """Everything ``data/raw``'s content follows from, besides the files of a local folder: the
+    source, the demo's params and seed or each archive's size and mtime, and this code (the
+    demo generator and the layout rules). ``None`` when an archive is still to be downloaded."""
+    here = Path(__file__)
+    code = {module.name: sha256_file(module) for module in (here, here.with_name("demo.py"))}
+    kind = params.data.source_kind
+    if kind == "demo":
+        what = _demo_identity(params)
+    elif kind == "local":
+        what = {"source": "local", "folder": str(folder)}
+    else:
+        files = [paths.downloads / a.filename for a in archives]
+        if not all(f.is_file() for f in files):
+            return None
+        what = {"source": "download", "archives": [
+            {**asdict(a), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+            for a, f in zip(archives, files, strict=True)]}
+    return json.loads(json.dumps({**what, "code": code}))  # as it reads back from the stamp
+
+
+def file_states(root: Path) -> dict[str, list[int]]:
+    """Every folder (``name/``: ``[]``) and file (``[size, mtime_ns]``, through symlinks) under
+    ``root``, but the stamp itself."""
+    states: dict[str, list[int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        states.update({f"{(rel / d).as_posix()}/": [] for d in dirnames})
+        for name in filenames:
+            if rel == Path() and name == STAMP_FILE:
+                continue
+            info = (Path(dirpath) / name).stat()
+            states[(rel / name).as_posix()] = [info.st_size, info.st_mtime_ns]
+    return states
+
+
+def raw_is_current(raw: Path, inputs: dict[str, Any], folder: Path | None) -> bool:
+    """``raw`` was built from ``inputs`` and no file in it changed since (stamp); for a local
+    ``folder``, its files are still the folder's very files, none added or removed."""
+    try:
+        stamp = read_json(raw / STAMP_FILE)
+        if stamp.get("inputs") != inputs or stamp.get("files") != file_states(raw):
+            return False
+    except (OSError, ValueError):  # no data/raw, no stamp, a broken symlink
+        return False
+    return folder is None or _links_current(folder, raw)
+
+
+def _links_current(folder: Path, raw: Path) -> bool:
+    """Does every file of the dataset folders in ``raw`` link to the same file in ``folder``,
+    with the same file list (what :func:`link_tree` would link now)?"""
+    expected: set[str] = set()
+    for name in (COVID_DIR, KERMANY_DIR, EXTERNAL_DIR):
+        for dirpath, dirnames, filenames in os.walk(folder / name):
+            dirnames[:] = [d for d in dirnames if d != "__MACOSX"]
+            rel = Path(dirpath).relative_to(folder)
+            expected.update((rel / f).as_posix() for f in filenames)
+    linked = {(Path(dirpath).relative_to(raw) / f).as_posix()
+              for name in (COVID_DIR, KERMANY_DIR, EXTERNAL_DIR)
+              for dirpath, _, filenames in os.walk(raw / name) for f in filenames}
+    return linked == expected and all(os.path.samefile(raw / rel, folder / rel) for rel in linked)
 
 
 def _chmod_like_mkdir(folder: Path) -> None:
@@ -131,8 +240,8 @@ def _chmod_like_mkdir(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
 
 
-def describe(summary: dict[str, Any], raw_dir: str, seconds: float) -> str:
-    """The stage's one log line."""
+def describe(summary: dict[str, Any], raw_dir: str, seconds: float, rebuilt: bool = True) -> str:
+    """The stage's one log line (``rebuilt=False``: data/raw was current and left untouched)."""
     counts = summary["counts"]
     what = {"demo": "demo data set", "download": "downloaded data sets",
             "local": f"local folder {summary.get('folder', '')}"}[summary["source"]]
@@ -141,8 +250,8 @@ def describe(summary: dict[str, Any], raw_dir: str, seconds: float) -> str:
     missing = counts["covid_missing_files"]
     missing_text = f", {missing} listed files missing" if missing else ""
     return (f"{what}, {counts['images']} images ({counts['covid_rows']} COVID rows, "
-            f"{counts['kermany_images']} Kermany{extra}{missing_text}) in {raw_dir} "
-            f"({seconds:.1f} s)")
+            f"{counts['kermany_images']} Kermany{extra}{missing_text}) in {raw_dir}"
+            f"{'' if rebuilt else ', unchanged'} ({seconds:.1f} s)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Nothing half-written may survive a failure: every output is written to a temporary sibling and
 renamed into place (``os.replace`` is atomic on one filesystem). Folders are built under a temporary
-name and swapped in whole.
+name and swapped in whole. A run killed mid-write (``kill -9``) leaves its temporary behind; the
+next write of the same target removes it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,15 +74,88 @@ _FILE_MODE = 0o666 & ~_umask()
 _DIR_MODE = 0o777 & ~_umask()
 
 
+TEMP_MARK = ".tmp-"
+"""Temporaries are named ``.<target name>.tmp-<pid>-<random>`` beside their target: the pid says
+which process writes them (.gitignore and .dvcignore match the pattern)."""
+
+_temps_lock = threading.Lock()
+_open_temps: set[Path] = set()  # this process's temporaries still in use
+
+
+def _new_temp(target: Path, make: Callable[[str, Path], str]) -> Path:
+    """A fresh temporary beside ``target`` (``make`` is mkstemp or mkdtemp), after removing the
+    stale ones an interrupted run left there."""
+    with _temps_lock:
+        remove_stale_temps(target)
+        tmp = Path(make(f".{target.name}{TEMP_MARK}{os.getpid()}-", target.parent))
+        _open_temps.add(Path(os.path.abspath(tmp)))
+    return tmp
+
+
+def _done_with_temp(tmp: Path) -> None:
+    with _temps_lock:
+        _open_temps.discard(Path(os.path.abspath(tmp)))
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Delete the temporaries beside ``target`` whose writer no longer runs (a killed stage's).
+
+    Called whenever a stage writes ``target``, so the next run of a killed stage cleans up after
+    it. A temporary is kept while its writer may still run: another live process with that pid
+    which started before the temporary was last written (two DVC runs can share a workspace).
+    """
+    prefix = f".{target.name}{TEMP_MARK}"
+    try:
+        candidates = sorted(e for e in target.parent.iterdir() if e.name.startswith(prefix))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for entry in candidates:
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or Path(os.path.abspath(entry)) in _open_temps \
+                or _writer_may_run(int(pid), entry):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run: %s", len(removed),
+                 ", ".join(str(p) for p in removed))
+    return removed
+
+
+def _writer_may_run(pid: int, entry: Path) -> bool:
+    """Could process ``pid`` still be writing ``entry``? (psutil: portable process facts)."""
+    import psutil
+
+    if pid == os.getpid():
+        return False  # not among this process's open temporaries: an earlier process's
+    try:
+        started = psutil.Process(pid).create_time()
+        written = entry.lstat().st_mtime
+    except (psutil.NoSuchProcess, FileNotFoundError):
+        return False
+    except psutil.Error:  # access denied: assume it is the writer
+        return True
+    # A process started after the temporary was last written is a reuse of the pid, not its
+    # writer (2 s: process start times are rounded on some systems).
+    return started <= written + 2.0
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     """Yield a temp path beside ``target``; on success rename it over ``target``, else delete it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp",
-                                    dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+
+    def make(prefix: str, folder: Path) -> str:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix or ".tmp", dir=folder)
+        os.close(fd)
+        return name
+
+    tmp = _new_temp(target, make)
     try:
         yield tmp
         if tmp.exists():  # mkstemp makes 0600 files; outputs get the usual umask-based mode
@@ -89,6 +164,7 @@ def atomic_path(target: Path | str, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+        _done_with_temp(tmp)
 
 
 @contextlib.contextmanager
@@ -96,20 +172,34 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     """Yield an empty temp folder beside ``target``; on success it replaces ``target`` whole."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+    def make(prefix: str, folder: Path) -> str:
+        return tempfile.mkdtemp(prefix=prefix, dir=folder)
+
+    tmp = _new_temp(target, make)
     try:
         yield tmp
         os.chmod(tmp, _DIR_MODE)  # mkdtemp makes 0700 folders
         if target.is_symlink() or target.is_file():
             target.unlink()
         elif target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "x")
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, target)
+            old = _new_temp(target, make)  # the previous version, deleted once swapped out
+            try:
+                os.replace(target, old / "x")
+                try:
+                    os.replace(tmp, target)
+                except OSError:
+                    os.replace(old / "x", target)  # put the previous version back
+                    raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+                _done_with_temp(old)
+        else:
+            os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        _done_with_temp(tmp)
 
 
 def write_text(path: Path | str, text: str) -> None:
@@ -150,14 +240,11 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_stage(main: Callable[[], None], skip_teardown: bool = False) -> None:
+def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main()``: user errors become one clear line and exit status 1.
 
-    ``skip_teardown``: after a successful ``main()``, flush the logs and streams and end the
-    process at once (``os._exit(0)``) instead of the interpreter's normal shutdown. For stages that
-    imported TensorFlow, whose teardown takes ~1.5 s on the 2-core build machine and only releases
-    memory the operating system reclaims anyway; every output is written and renamed into place
-    by then (atomic writes), and failures still exit the normal way.
+    A successful ``main()`` returns here and the interpreter shuts down the normal way (atexit
+    handlers, buffered streams and library teardown all run).
     """
     setup_logging()
     try:
@@ -165,8 +252,3 @@ def run_stage(main: Callable[[], None], skip_teardown: bool = False) -> None:
     except (ParamsError, PipelineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    if skip_teardown:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)

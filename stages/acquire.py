@@ -2,7 +2,9 @@
 
 Writes ``data/raw/covid-chestxray-dataset/``, ``data/raw/chest_xray/``, ``data/raw/external/``
 (demo and download) and ``data/raw/SOURCE.json`` (what was acquired, with counts and checksums),
-all built in a temporary folder and swapped in whole.
+all built in a temporary folder and swapped in whole. DVC runs it every time (``always_changed``):
+it leaves data/raw untouched while it still matches its source, so the stages after it re-run
+only when the data really changed.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from covid_xray.acquire import acquire, describe
+from covid_xray.acquire import describe, refresh
 from covid_xray.config import Paths
 from covid_xray.io import run_stage
 from covid_xray.params import load_params
@@ -22,9 +24,9 @@ def main() -> None:
     paths = Paths()
     params = load_params(paths.params)
     started = time.perf_counter()
-    summary = acquire(params, paths)
+    summary, rebuilt = refresh(params, paths)
     raw = paths.raw.relative_to(paths.root) if paths.raw.is_relative_to(paths.root) else paths.raw
-    log.info(describe(summary, raw.as_posix(), time.perf_counter() - started))
+    log.info(describe(summary, raw.as_posix(), time.perf_counter() - started, rebuilt))
 
 
 if __name__ == "__main__":

@@ -33,4 +33,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, skip_teardown=True)  # TensorFlow's teardown: ~1.5 s, nothing to save
+    run_stage(main)

@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,14 +24,17 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from pipeline_helpers import FAST_PARAMS, deep_update, make_repo_copy, run
 
 from covid_xray.acquire import (
+    STAMP_FILE,
     RemoteArchive,
     acquire,
     count_raw,
     describe,
     download,
     link_tree,
+    refresh,
     safe_extract,
 )
 from covid_xray.config import Paths
@@ -506,3 +511,171 @@ def test_stage_script_logs_one_line(repo_root: Path, tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
     assert "data.demo.max_side" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# refresh: the stage runs on every dvc repro and keeps data/raw while it is current
+# --------------------------------------------------------------------------------------------
+
+SMALL_DEMO = {"covid_patients": 6, "kermany_train": 4, "kermany_test": 2, "max_side": 48}
+
+
+def _states(root: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) of every file: equal before and after means untouched."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
+
+
+def _user_folder(tmp_path: Path, **demo: Any) -> Path:
+    """A folder in both dataset layouts (made by the demo generator), as a user's data.source."""
+    maker = Paths(tmp_path / "maker")
+    acquire(_params("demo", maker.root, **(demo or SMALL_DEMO)), maker, progress=False)
+    folder = tmp_path / "mydata"
+    shutil.copytree(maker.raw, folder, ignore=shutil.ignore_patterns("*.json", "external"))
+    return folder
+
+
+def _replace(path: Path, text: str) -> None:
+    """Replace a file the way editors and downloads do: a new file renamed over the old one."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    os.replace(new, path)
+
+
+def test_demo_refresh_leaves_current_data_raw_untouched(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    params = _params("demo", tmp_path, **SMALL_DEMO)
+    summary, rebuilt = refresh(params, paths, progress=False)
+    assert rebuilt and (paths.raw / STAMP_FILE).is_file()
+    before = _states(paths.raw)
+    again, rebuilt = refresh(params, paths, progress=False)
+    assert not rebuilt and again == summary
+    assert _states(paths.raw) == before
+    assert describe(again, "data/raw", 0.04, rebuilt=False).endswith(
+        "in data/raw, unchanged (0.0 s)")
+
+
+@pytest.mark.parametrize("change", ["param", "deleted file", "edited file", "no stamp"])
+def test_demo_refresh_rebuilds_on_any_change(tmp_path: Path, change: str) -> None:
+    paths = Paths(tmp_path)
+    params = _params("demo", tmp_path, **SMALL_DEMO)
+    summary, _ = refresh(params, paths, progress=False)
+    metadata = paths.raw / "covid-chestxray-dataset" / "metadata.csv"
+    original = metadata.read_bytes()
+    if change == "param":
+        params = _params("demo", tmp_path, **{**SMALL_DEMO, "covid_patients": 7})
+    elif change == "deleted file":
+        metadata.unlink()
+    elif change == "edited file":
+        with metadata.open("ab") as handle:
+            handle.write(b"9,0,M,1,COVID-19,PA,X-ray,2020,images,extra.jpeg\n")
+    else:
+        (paths.raw / STAMP_FILE).unlink()
+    again, rebuilt = refresh(params, paths, progress=False)
+    assert rebuilt
+    if change == "param":
+        assert again["demo"]["covid_patients"] == 7 and again != summary
+    else:
+        assert again == summary and metadata.read_bytes() == original
+
+
+def test_local_refresh_follows_the_folder_and_relinks_only_when_it_changed(
+        tmp_path: Path) -> None:
+    folder = _user_folder(tmp_path)
+    paths = Paths(tmp_path / "project")
+    params = _params(str(folder), paths.root)
+    raw = paths.raw
+    _, rebuilt = refresh(params, paths, progress=False)
+    assert rebuilt
+    before = _states(raw)
+    _, rebuilt = refresh(params, paths, progress=False)
+    assert not rebuilt and _states(raw) == before
+
+    # An image added to the folder: linked on the next run; the other files keep their inodes.
+    normal = folder / "chest_xray" / "train" / "NORMAL"
+    shutil.copy(next(normal.iterdir()), normal / "IM-9999-0001.jpeg")
+    summary, rebuilt = refresh(params, paths, progress=False)
+    assert rebuilt and os.path.samefile(raw / "chest_xray/train/NORMAL/IM-9999-0001.jpeg",
+                                        normal / "IM-9999-0001.jpeg")
+    after = _states(raw)
+    assert {k: v for k, v in after.items() if k in before and not k.endswith(".json")} == {
+        k: v for k, v in before.items() if not k.endswith(".json")}
+    assert summary["counts"]["kermany"]["train"]["NORMAL"] == SMALL_DEMO["kermany_train"] + 1
+
+    # metadata.csv replaced by a new file: the old hard link in data/raw still holds the old
+    # content, so only a relink shows the new one.
+    metadata = folder / "covid-chestxray-dataset" / "metadata.csv"
+    lines = metadata.read_text().splitlines(keepends=True)
+    _replace(metadata, "".join(lines[:-1]))
+    summary, rebuilt = refresh(params, paths, progress=False)
+    assert rebuilt
+    assert (raw / "covid-chestxray-dataset" / "metadata.csv").read_text() == "".join(lines[:-1])
+    assert summary["counts"]["covid_rows"] == len(lines) - 2
+
+    # A file removed from the folder is removed from data/raw.
+    (normal / "IM-9999-0001.jpeg").unlink()
+    _, rebuilt = refresh(params, paths, progress=False)
+    assert rebuilt and not (raw / "chest_xray/train/NORMAL/IM-9999-0001.jpeg").exists()
+
+
+def test_download_refresh_keeps_data_raw_while_the_archives_are_the_same(
+        tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    paths.downloads.mkdir(parents=True)
+    archives = []
+    for path, body in _dataset_zips().items():
+        (paths.downloads / path.strip("/")).write_bytes(body)
+        layout = {"/covid.zip": "covid", "/kermany.zip": "kermany",
+                  "/actualmed.zip": "actualmed"}[path]
+        archives.append(RemoteArchive(layout, f"http://127.0.0.1:9{path}", path.strip("/"),
+                                      layout))
+    params = _params("download", tmp_path)
+    summary, rebuilt = refresh(params, paths, archives=archives, progress=False)
+    assert rebuilt
+    before = _states(paths.raw)
+    again, rebuilt = refresh(params, paths, archives=archives, progress=False)
+    assert not rebuilt and again == summary and _states(paths.raw) == before
+    kermany = paths.downloads / "kermany.zip"
+    kermany.write_bytes(kermany.read_bytes())  # placed again by hand: a new mtime
+    _, rebuilt = refresh(params, paths, archives=archives, progress=False)
+    assert rebuilt
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.mark.slow
+def test_dvc_repro_reruns_downstream_only_when_the_source_folder_changed(
+        repo_root: Path, tmp_path: Path) -> None:
+    folder = _user_folder(tmp_path, **FAST_PARAMS["data"]["demo"])
+    params = deep_update(json.loads(json.dumps(FAST_PARAMS)), {"data": {"source": str(folder)}})
+    repo = make_repo_copy(repo_root, tmp_path / "repo", params)
+    first = run(["dvc", "repro", "copy_images"], repo)
+    assert _ran(first.stdout) == {"acquire", "select_metadata", "copy_images"}
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "first run"], repo)
+    rows_before = json.loads((repo / "metrics/selection.json").read_text())["rows_in"]
+
+    # No change: acquire runs (always changed) and leaves data/raw as it was; nothing after it.
+    assert "always changed" in run(["dvc", "status", "acquire"], repo).stdout
+    again = run(["dvc", "repro", "copy_images"], repo)
+    assert _ran(again.stdout) == {"acquire"}
+    assert "Stage 'copy_images' didn't change, skipping" in again.stdout
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""
+
+    # An image added: the Kermany folder changed, the COVID metadata did not.
+    normal = folder / "chest_xray" / "train" / "NORMAL"
+    image = cv2.imread(str(next(normal.iterdir())))
+    cv2.imwrite(str(normal / "IM-9999-0001.jpeg"), cv2.flip(image, 1))
+    added = run(["dvc", "repro", "copy_images"], repo)
+    assert _ran(added.stdout) == {"acquire", "copy_images"}
+
+    # metadata.csv replaced (a new file, as a fresh download or an editor writes it).
+    metadata = folder / "covid-chestxray-dataset" / "metadata.csv"
+    lines = metadata.read_text().splitlines(keepends=True)
+    _replace(metadata, "".join(lines[:-1]))
+    replaced = run(["dvc", "repro", "copy_images"], repo)
+    assert _ran(replaced.stdout) == {"acquire", "select_metadata", "copy_images"}
+    assert json.loads((repo / "metrics/selection.json").read_text())["rows_in"] == \
+        rows_before - 1
