@@ -117,11 +117,22 @@ def _jpeg(seed: int) -> bytes:
     return cv2.imencode(".jpg", pixels)[1].tobytes()
 
 
-def _zip(entries: dict[str, bytes]) -> bytes:
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+"""Every member's timestamp: ``writestr(name, ...)`` stamps the current time, so the archive's
+bytes (and SHA-256) would change from one 2-second window to the next."""
+
+
+def _zip(entries: dict[str, bytes | None], comment: bytes = b"") -> bytes:
+    """A zip of ``entries`` (``None``: a folder entry, as GitHub's archives have), the same bytes
+    on every call."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, data in entries.items():
-            zf.writestr(name, data)
+            info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (0o40755 if data is None else 0o100644) << 16
+            zf.writestr(info, b"" if data is None else data)
+        zf.comment = comment
     return buffer.getvalue()
 
 
@@ -364,8 +375,8 @@ def _tar_member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tar
 def _zip_symlink() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
-        zf.writestr("data/ok.txt", b"fine")
-        link = zipfile.ZipInfo("data/link")
+        zf.writestr(zipfile.ZipInfo("data/ok.txt", date_time=ZIP_TIME), b"fine")
+        link = zipfile.ZipInfo("data/link", date_time=ZIP_TIME)
         link.external_attr = (0o120777 << 16)
         zf.writestr(link, "/etc/passwd")
     return buffer.getvalue()
