@@ -7,6 +7,12 @@ Downloads are cached in ``data/downloads/`` (git-ignored, never removed), resume
 file via HTTP ``Range``, are checked for size and (where published) SHA-256, and are extracted by
 code that refuses any archive member that would land outside the target folder.
 
+The archives are read as published (GitHub's ``<repo>-<commit>/`` top folder, Mendeley's and
+Kaggle's ``__MACOSX/`` and ``.DS_Store``, Kaggle's ``val/`` and nested duplicate
+``chest_xray/chest_xray/``), extracted or as a local folder: OS junk is skipped and counted
+(:mod:`covid_xray.junk`), ``val/`` goes back into ``train/`` (:data:`KERMANY_VAL`), a nested copy is
+reported and not read.
+
 DVC runs the stage on every ``dvc repro`` (a local folder can change where DVC does not look):
 :func:`refresh` keeps ``data/raw`` when its stamp says it still matches the source (same demo
 params, same archive files, same local files: a stat per file) and rebuilds it otherwise. A local
@@ -17,6 +23,7 @@ their inodes (DVC does not even re-hash them).
 from __future__ import annotations
 
 import csv
+import filecmp
 import json
 import logging
 import os
@@ -26,10 +33,11 @@ import socket
 import stat
 import tarfile
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
@@ -38,6 +46,7 @@ from tqdm import tqdm
 from covid_xray.config import Paths, resolve_path
 from covid_xray.errors import PipelineError
 from covid_xray.io import atomic_dir, read_json, sha256_file, write_json, write_text
+from covid_xray.junk import JUNK_KINDS, MACOSX_DIR, junk_kind
 from covid_xray.params import Params
 
 log = logging.getLogger("acquire")
@@ -47,6 +56,12 @@ KERMANY_DIR = "chest_xray"
 EXTERNAL_DIR = "external"
 SOURCE_FILE = "SOURCE.json"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+KERMANY_SPLITS = ("train", "test")
+KERMANY_LABELS = ("NORMAL", "PNEUMONIA")
+KERMANY_VAL = "val"
+"""Kaggle's copy of Kermany's data adds ``val/`` (8 NORMAL + 8 PNEUMONIA): images Kaggle took out
+of Mendeley's train/ (Kaggle's train + val = Mendeley's train, 1,349 NORMAL and 3,883 PNEUMONIA),
+so acquire puts them back into ``train/``, where the patient-grouped draws see them."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,9 @@ class RemoteArchive:
     size: int | None = None
     sha256: str | None = None
     citation: str = ""
+    alternatives: tuple[str, ...] = ()
+    """Other file names a user may place in data/downloads instead (another copy of the same data
+    that cannot be fetched by URL, e.g. behind a login); used with a warning, checksum recorded."""
 
 
 DATASETS: tuple[RemoteArchive, ...] = (
@@ -80,6 +98,9 @@ DATASETS: tuple[RemoteArchive, ...] = (
         filename="ChestXRay2017.zip",
         layout="kermany",
         citation="Kermany, Zhang, Goldbaum (2018), Mendeley Data V2, doi:10.17632/rscbjbr9sj.2",
+        # Kaggle's "chest-xray-pneumonia" (paultimothymooney), as `kaggle datasets download`
+        # names it: the same images with val/ split off train/ and a nested duplicate copy.
+        alternatives=("chest-xray-pneumonia.zip",),
     ),
     RemoteArchive(
         name="actualmed-covid-chestxray-dataset",
@@ -126,7 +147,7 @@ def acquire(params: Params, paths: Paths, archives: Sequence[RemoteArchive] = DA
     folder = resolve_local_source(params.data.source, paths) if kind == "local" else None
     if kind == "download":
         # Fail fast (before touching anything) when an archive must be fetched and we are offline.
-        missing = [a for a in archives if not (paths.downloads / a.filename).is_file()]
+        missing = [a for a in archives if placed_archive(a, paths.downloads) is None]
         check_connectivity(missing, paths.downloads)
 
     with atomic_dir(paths.raw) as tmp:
@@ -141,11 +162,11 @@ def acquire(params: Params, paths: Paths, archives: Sequence[RemoteArchive] = DA
                 "generated": generate_demo(tmp, params.data.demo, params.seed, progress=progress)}
         elif kind == "download":
             summary = {"source": "download",
-                       "archives": fetch_and_arrange(tmp, paths.downloads, archives, progress)}
+                       **fetch_and_arrange(tmp, paths.downloads, archives, progress)}
         else:
             assert folder is not None
             summary = {"source": "local", "folder": str(folder),
-                       "links": link_local_source(folder, tmp)}
+                       **link_local_source(folder, tmp, paths.raw)}
         validate_layout(tmp, what="data/raw")
         (tmp / EXTERNAL_DIR).mkdir(exist_ok=True)  # always there: audit and validate depend on it
         summary["counts"] = count_raw(tmp)
@@ -175,18 +196,21 @@ def source_inputs(params: Params, paths: Paths, archives: Sequence[RemoteArchive
     source, the demo's params and seed or each archive's size and mtime, and this code (the
     demo generator and the layout rules). ``None`` when an archive is still to be downloaded."""
     here = Path(__file__)
-    code = {module.name: sha256_file(module) for module in (here, here.with_name("demo.py"))}
+    code = {module.name: sha256_file(module)
+            for module in (here, here.with_name("demo.py"), here.with_name("junk.py"))}
     kind = params.data.source_kind
     if kind == "demo":
         what = _demo_identity(params)
     elif kind == "local":
         what = {"source": "local", "folder": str(folder)}
     else:
-        files = [paths.downloads / a.filename for a in archives]
-        if not all(f.is_file() for f in files):
+        placed = [placed_archive(a, paths.downloads) for a in archives]
+        if any(f is None for f in placed):
             return None
+        files = [f for f in placed if f is not None]
         what = {"source": "download", "archives": [
-            {**asdict(a), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+            {**asdict(a), "file": f.name, "bytes": f.stat().st_size,
+             "mtime_ns": f.stat().st_mtime_ns}
             for a, f in zip(archives, files, strict=True)]}
     return json.loads(json.dumps({**what, "code": code}))  # as it reads back from the stamp
 
@@ -215,22 +239,17 @@ def raw_is_current(raw: Path, inputs: dict[str, Any], folder: Path | None) -> bo
             return False
     except (OSError, ValueError):  # no data/raw, no stamp, a broken symlink
         return False
-    return folder is None or _links_current(folder, raw)
+    return folder is None or _links_current(plan_local(folder, raw)[0], raw)
 
 
-def _links_current(folder: Path, raw: Path) -> bool:
-    """Does every file of the dataset folders in ``raw`` link to the same file in ``folder``,
-    with the same file list (what :func:`link_tree` would link now)?"""
-    expected: set[str] = set()
-    for name in (COVID_DIR, KERMANY_DIR, EXTERNAL_DIR):
-        for dirpath, dirnames, filenames in os.walk(folder / name):
-            dirnames[:] = [d for d in dirnames if d != "__MACOSX"]
-            rel = Path(dirpath).relative_to(folder)
-            expected.update((rel / f).as_posix() for f in filenames)
+def _links_current(plan: Plan, raw: Path) -> bool:
+    """Does every file of the dataset folders in ``raw`` link to the file ``plan`` (what
+    :func:`link_local_source` would link now) puts there, with the same file list?"""
     linked = {(Path(dirpath).relative_to(raw) / f).as_posix()
               for name in (COVID_DIR, KERMANY_DIR, EXTERNAL_DIR)
               for dirpath, _, filenames in os.walk(raw / name) for f in filenames}
-    return linked == expected and all(os.path.samefile(raw / rel, folder / rel) for rel in linked)
+    return linked == set(plan.files) and all(os.path.samefile(raw / rel, source)
+                                             for rel, source in plan.files.items())
 
 
 def _chmod_like_mkdir(folder: Path) -> None:
@@ -249,9 +268,32 @@ def describe(summary: dict[str, Any], raw_dir: str, seconds: float, rebuilt: boo
     extra = f", {external} external" if external else ""
     missing = counts["covid_missing_files"]
     missing_text = f", {missing} listed files missing" if missing else ""
+    notes = "".join(f"; {note}" for note in _notes(summary))
     return (f"{what}, {counts['images']} images ({counts['covid_rows']} COVID rows, "
             f"{counts['kermany_images']} Kermany{extra}{missing_text}) in {raw_dir}"
-            f"{'' if rebuilt else ', unchanged'} ({seconds:.1f} s)")
+            f"{'' if rebuilt else ', unchanged'} ({seconds:.1f} s){notes}")
+
+
+def _notes(summary: dict[str, Any]) -> list[str]:
+    """What the log line adds about the source's shape: val/ merged, copies and junk skipped."""
+    notes = []
+    kermany = summary.get("kermany") or {}
+    val = sum((kermany.get("val_into_train") or {}).values())
+    if val or kermany.get("val_duplicates"):
+        dups = kermany.get("val_duplicates", 0)
+        notes.append(f"Kermany val/: {val} images added to train/"
+                     + (f" ({dups} already there, same content)" if dups else ""))
+    for copy in kermany.get("copies_ignored", []):
+        same = "same file names and sizes" if copy["same_names_and_sizes"] else "DIFFERENT files"
+        notes.append(f"{copy['folder']}/ ignored: a second copy of the Kermany data "
+                     f"({copy['files']:,} files, {same} as {kermany['root']}/)")
+    if kermany.get("ignored"):
+        notes.append(f"not read: {', '.join(kermany['ignored'])}")
+    junk = summary.get("junk_skipped") or {}
+    if junk:
+        kinds = ", ".join(f"{n:,} {JUNK_KINDS[kind]}" for kind, n in junk.items())
+        notes.append(f"{sum(junk.values()):,} OS junk files skipped ({kinds})")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,18 +306,27 @@ def validate_layout(root: Path, what: str) -> None:
     problems = []
     if not (root / COVID_DIR / "metadata.csv").is_file():
         problems.append(f"{COVID_DIR}/metadata.csv")
-    kermany = root / KERMANY_DIR
-    if not kermany.is_dir():
-        problems.append(f"{KERMANY_DIR}/ (with train/ and test/, each holding NORMAL/ and "
-                        "PNEUMONIA/)")
-    else:
-        problems.extend(f"{KERMANY_DIR}/{split}/" for split in ("train", "test")
-                        if not (kermany / split).is_dir())
+    problems.extend(_kermany_problems(root / KERMANY_DIR, need_labels=False))
     if problems:
-        raise PipelineError(
-            f"{what} ({root}) is missing {', '.join(problems)}. A data folder must hold the "
-            f"ieee8023 layout ({COVID_DIR}/metadata.csv + images/) and Kermany's layout "
-            f"({KERMANY_DIR}/train|test/NORMAL|PNEUMONIA/).")
+        raise _layout_error(root, what, problems)
+
+
+def _kermany_problems(kermany: Path, need_labels: bool) -> list[str]:
+    if not kermany.is_dir():
+        return [f"{KERMANY_DIR}/ (with train/ and test/, each holding NORMAL/ and PNEUMONIA/)"]
+    missing = [f"{KERMANY_DIR}/{split}/" for split in KERMANY_SPLITS
+               if not (kermany / split).is_dir()]
+    if not missing and need_labels:
+        missing = [f"{KERMANY_DIR}/train|test/NORMAL|PNEUMONIA/ (no class folder in train/ or "
+                   "test/)"]
+    return missing
+
+
+def _layout_error(root: Path, what: str, problems: list[str]) -> PipelineError:
+    return PipelineError(
+        f"{what} ({root}) is missing {', '.join(problems)}. A data folder must hold the "
+        f"ieee8023 layout ({COVID_DIR}/metadata.csv + images/) and Kermany's layout "
+        f"({KERMANY_DIR}/train|test/NORMAL|PNEUMONIA/).")
 
 
 def _is_image(path: Path) -> bool:
@@ -327,7 +378,8 @@ def count_raw(root: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 def resolve_local_source(source: str, paths: Paths) -> Path:
-    """``data.source`` as an absolute folder; refuses ``data/raw`` itself (it is rebuilt)."""
+    """``data.source`` as an absolute folder; refuses ``data/raw`` itself (it is rebuilt) and a
+    folder where the two datasets cannot be found (:func:`find_local_roots`)."""
     folder = resolve_path(source, paths.root).resolve()
     if not folder.is_dir():
         raise PipelineError(f"data.source: folder {folder} not found")
@@ -335,39 +387,199 @@ def resolve_local_source(source: str, paths: Paths) -> Path:
     if folder == raw or raw in folder.parents:
         raise PipelineError(f"data.source: {folder} is inside {paths.raw}, which acquire "
                             "rebuilds; point it at a folder outside data/raw")
-    validate_layout(folder, what=f"data.source folder {source!r}")
+    find_local_roots(folder, paths.raw, what=f"data.source folder {source!r}")
     return folder
 
 
-def link_local_source(folder: Path, target: Path) -> dict[str, int]:
-    """Link both datasets (and ``external/`` if present) from ``folder`` into ``target``."""
-    totals = {"hardlinks": 0, "symlinks": 0}
-    for name in (COVID_DIR, KERMANY_DIR, EXTERNAL_DIR):
-        if (folder / name).is_dir():
-            counts = link_tree(folder / name, target / name)
-            for key in totals:
-                totals[key] += counts[key]
-    return totals
+LOCAL_SEARCH_DEPTH = 3
+"""How deep under ``data.source`` the dataset folders are looked for (archives extracted as
+they come put them one or two levels down: ``covid-chestxray-dataset-<commit>/``,
+``ChestXRay2017/chest_xray/``)."""
 
 
-def link_tree(source: Path, target: Path) -> dict[str, int]:
-    """Mirror ``source`` into ``target`` with hard links per file (no copy), or symlinks where
-    hard links are impossible (another filesystem, or a filesystem without them)."""
-    counts = {"hardlinks": 0, "symlinks": 0}
+def find_local_roots(folder: Path, raw: Path, what: str = "data.source") -> tuple[Path, Path]:
+    """The ieee8023 folder and Kermany's ``chest_xray`` folder in a local ``folder``.
+
+    ieee8023: ``covid-chestxray-dataset/``, else the shallowest folder named
+    ``covid-chestxray-dataset*`` (GitHub's archive extracts to ``<repo>-<commit>/``) holding
+    ``metadata.csv``. Kermany: ``chest_xray/``, else the shallowest folder with
+    ``train/`` and ``test/`` holding ``NORMAL/`` or ``PNEUMONIA/`` (so Kaggle's nested duplicate
+    ``chest_xray/chest_xray/`` is never chosen over its parent). ``__MACOSX``, hidden folders and
+    ``raw`` (data/raw, if ``folder`` holds it) are not searched.
+    """
+    covid = folder / COVID_DIR
+    if not (covid / "metadata.csv").is_file():
+        covid = next((d for d in _walk_dirs(folder, LOCAL_SEARCH_DEPTH, skip=raw)
+                      if d.name.lower().startswith(COVID_DIR)
+                      and (d / "metadata.csv").is_file()), None)
+    kermany = folder / KERMANY_DIR
+    if not _is_kermany_root(kermany):
+        kermany = next((d for d in _walk_dirs(folder, LOCAL_SEARCH_DEPTH, skip=raw)
+                        if _is_kermany_root(d)), None)
+    problems = [] if covid is not None else [
+        f"{COVID_DIR}/metadata.csv (or {COVID_DIR}-<commit>/metadata.csv, as GitHub's archive "
+        f"extracts, up to {LOCAL_SEARCH_DEPTH} levels down)"]
+    if kermany is None:
+        problems.extend(_kermany_problems(folder / KERMANY_DIR, need_labels=True))
+    if problems or covid is None or kermany is None:
+        raise _layout_error(folder, what, problems)
+    return covid, kermany
+
+
+@dataclass
+class Plan:
+    """Which source file each file of data/raw is (relative posix path -> file), the folders to
+    create, and what was left out on the way (for SOURCE.json and the log line)."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    dirs: set[str] = field(default_factory=set)
+    junk: Counter[str] = field(default_factory=Counter)
+
+
+def _count_files(folder: Path) -> int:
+    return sum(len(filenames) for _, _, filenames in os.walk(folder))
+
+
+def _skip_junk(entry: Path, plan: Plan) -> bool:
+    """Count ``entry`` if it is OS junk (a ``__MACOSX`` folder: every file in it)."""
+    if entry.is_dir():
+        if entry.name != MACOSX_DIR:
+            return False
+        plan.junk["macosx"] += _count_files(entry)
+        return True
+    kind = junk_kind(entry.name)
+    if kind is not None:
+        plan.junk[kind] += 1
+    return kind is not None
+
+
+def plan_tree(source: Path, dest: str, plan: Plan) -> None:
+    """Every file under ``source`` (recursively) to ``dest/<same path>``, junk skipped."""
     for dirpath, dirnames, filenames in os.walk(source):
-        dirnames[:] = sorted(d for d in dirnames if d != "__MACOSX")
-        rel = Path(dirpath).relative_to(source)
-        (target / rel).mkdir(parents=True, exist_ok=True)
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not _skip_junk(here / d, plan))
+        rel = PurePosixPath(dest, here.relative_to(source).as_posix())
+        plan.dirs.add(rel.as_posix())
         for name in sorted(filenames):
-            src = Path(dirpath) / name
-            dst = target / rel / name
-            try:
-                os.link(src, dst)
-                counts["hardlinks"] += 1
-            except OSError:
-                os.symlink(src.resolve(), dst)
-                counts["symlinks"] += 1
+            if not _skip_junk(here / name, plan):
+                plan.files[(rel / name).as_posix()] = here / name
+
+
+def plan_kermany(root: Path, base: Path, plan: Plan) -> dict[str, Any]:
+    """Kermany's ``root/{train,test,val}/{NORMAL,PNEUMONIA}/*`` to ``chest_xray/{train,test}/``.
+
+    ``val/`` goes into ``train/`` (see :data:`KERMANY_VAL`); a val file whose name is already in
+    train is dropped when its bytes are the same and refused when they differ. Anything else in
+    the root is not read: OS junk is counted, a nested copy of the whole data (Kaggle's
+    ``chest_xray/chest_xray/``) is compared by file names and sizes and reported, other entries
+    are listed. Returns the report for SOURCE.json (paths relative to ``base``).
+    """
+    report: dict[str, Any] = {"root": _rel(root, base), "val_into_train": {},
+                              "val_duplicates": 0, "copies_ignored": [], "ignored": []}
+    reading = {"": (*KERMANY_SPLITS, KERMANY_VAL),
+               **{split: KERMANY_LABELS for split in (*KERMANY_SPLITS, KERMANY_VAL)}}
+    for parent, names in reading.items():
+        folder = root / parent
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if (entry.is_dir() and entry.name in names) or _skip_junk(entry, plan):
+                continue
+            if parent == "" and _is_kermany_root(entry):
+                listing = _kermany_listing(entry)
+                report["copies_ignored"].append({
+                    "folder": _rel(entry, base), "files": len(listing),
+                    "same_names_and_sizes": listing == _kermany_listing(root)})
+                continue
+            report["ignored"].append(_rel(entry, base) + ("/" if entry.is_dir() else ""))
+    val: Counter[str] = Counter()
+    for split in (*KERMANY_SPLITS, KERMANY_VAL):  # train before val: val joins it
+        into = "train" if split == KERMANY_VAL else split
+        for label in KERMANY_LABELS:
+            folder = root / split / label
+            if not folder.is_dir():
+                continue
+            plan.dirs.add(f"{KERMANY_DIR}/{into}/{label}")
+            for entry in sorted(folder.iterdir()):
+                if _skip_junk(entry, plan):
+                    continue
+                if entry.is_dir():
+                    report["ignored"].append(_rel(entry, base) + "/")
+                    continue
+                rel = f"{KERMANY_DIR}/{into}/{label}/{entry.name}"
+                if split == KERMANY_VAL:
+                    if rel in plan.files:
+                        if not filecmp.cmp(plan.files[rel], entry, shallow=False):
+                            raise PipelineError(
+                                f"{entry}: Kermany's val/ is added to train/, but "
+                                f"{plan.files[rel]} is a different file of the same name; "
+                                "rename or remove one of them")
+                        report["val_duplicates"] += 1
+                        continue
+                    val[label] += 1
+                plan.files[rel] = entry
+    if (root / KERMANY_VAL).is_dir():
+        report["val_into_train"] = {label: val[label] for label in KERMANY_LABELS}
+    for split in KERMANY_SPLITS:
+        plan.dirs.add(f"{KERMANY_DIR}/{split}")
+    return report
+
+
+def _kermany_listing(root: Path) -> dict[str, int]:
+    """``split/label/name`` -> size of every image file of a Kermany root (junk left out)."""
+    return {f"{split}/{label}/{f.name}": f.stat().st_size
+            for split in (*KERMANY_SPLITS, KERMANY_VAL) for label in KERMANY_LABELS
+            if (root / split / label).is_dir()
+            for f in (root / split / label).iterdir() if f.is_file() and not junk_kind(f.name)}
+
+
+def plan_local(folder: Path, raw: Path) -> tuple[Plan, dict[str, Any]]:
+    """What :func:`link_local_source` links from ``folder``, and its SOURCE.json report."""
+    covid, kermany = find_local_roots(folder, raw)
+    plan = Plan()
+    plan_tree(covid, COVID_DIR, plan)
+    report = plan_kermany(kermany, folder, plan)
+    if (folder / EXTERNAL_DIR).is_dir():
+        plan_tree(folder / EXTERNAL_DIR, EXTERNAL_DIR, plan)
+    return plan, {"covid_root": _rel(covid, folder), "kermany": report}
+
+
+def link_local_source(folder: Path, target: Path, raw: Path) -> dict[str, Any]:
+    """Link both datasets (and ``external/`` if present) from ``folder`` into ``target``."""
+    plan, report = plan_local(folder, raw)
+    links = materialize(plan, target, move=False)
+    return {**report, "links": links, "junk_skipped": _sorted_counts(plan.junk)}
+
+
+def materialize(plan: Plan, target: Path, move: bool) -> dict[str, int]:
+    """Put each planned file in place under ``target``: moved (``move``: an extracted archive)
+    or linked, with hard links (no copy), or symlinks where hard links are impossible (another
+    filesystem, or a filesystem without them)."""
+    counts = {"hardlinks": 0, "symlinks": 0} if not move else {"moved": 0}
+    for rel in sorted(plan.dirs):
+        (target / rel).mkdir(parents=True, exist_ok=True)
+    for rel, source in sorted(plan.files.items()):
+        out = target / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if move:
+            os.replace(source, out)
+            counts["moved"] += 1
+            continue
+        try:
+            os.link(source, out)
+            counts["hardlinks"] += 1
+        except OSError:
+            os.symlink(source.resolve(), out)
+            counts["symlinks"] += 1
     return counts
+
+
+def _rel(path: Path, base: Path) -> str:
+    return path.relative_to(base).as_posix()
+
+
+def _sorted_counts(counts: Counter[str]) -> dict[str, int]:
+    return {kind: counts[kind] for kind in JUNK_KINDS if counts[kind]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +587,9 @@ def link_tree(source: Path, target: Path) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 
 def _offline_message(archives: Iterable[RemoteArchive], downloads: Path, reason: str) -> str:
-    manual = "; ".join(f"{a.filename} from {a.url}" for a in archives)
+    manual = "; ".join(f"{a.filename} from {a.url}"
+                       + (f" (or {' / '.join(a.alternatives)})" if a.alternatives else "")
+                       for a in archives)
     return (f"data.source=download: {reason}. Offline? Use `data.source: demo` (synthetic data, "
             "no network), set `data.source` to a local folder holding covid-chestxray-dataset/ and "
             f"chest_xray/, or place the archives in {downloads}/ by hand ({manual}) and re-run.")
@@ -404,18 +618,36 @@ def check_connectivity(archives: Sequence[RemoteArchive], downloads: Path,
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
+def placed_archive(archive: RemoteArchive, downloads: Path) -> Path | None:
+    """The file in ``downloads`` that stands for ``archive``: its own name, else the first of
+    its :attr:`~RemoteArchive.alternatives` present; ``None`` when it is still to be fetched."""
+    return next((downloads / name for name in (archive.filename, *archive.alternatives)
+                 if (downloads / name).is_file()), None)
+
+
 def download(archive: RemoteArchive, downloads: Path, progress: bool = True,
              timeout: float = 30.0, chunk_size: int = 1 << 16) -> dict[str, Any]:
     """Fetch ``archive`` into ``downloads/<filename>`` (resuming ``<filename>.part``) and verify it.
 
     Returns ``{"file", "bytes", "sha256", "sha256_verified", "resumed_from"}``. A size or checksum
     mismatch deletes the partial file and raises :class:`PipelineError`; an interrupted transfer
-    keeps it, so the next run resumes.
+    keeps it, so the next run resumes. A file of the archive's own name already there is verified
+    like a download; one of its ``alternatives`` is used as it is (the pinned size and checksum
+    are those of ``url``), with a warning, its SHA-256 recorded.
     """
     downloads.mkdir(parents=True, exist_ok=True)
     final = downloads / archive.filename
     if final.is_file():
         return _verify(archive, final, final, resumed_from=0, already=True)
+    placed = placed_archive(archive, downloads)
+    if placed is not None:
+        log.warning("%s: using %s, placed in %s by hand, in place of %s from %s (its SHA-256 is "
+                    "recorded, not checked)", archive.name, placed.name, downloads,
+                    archive.filename, archive.url)
+        return {"name": archive.name, "url": archive.url, "file": placed.name,
+                "bytes": placed.stat().st_size, "sha256": sha256_file(placed),
+                "sha256_verified": False, "resumed_from": 0, "cached": True,
+                "citation": archive.citation}
     part = downloads / f"{archive.filename}.part"
     offset = part.stat().st_size if part.is_file() else 0
     resumed_from = offset
@@ -520,20 +752,36 @@ def _checked_member(name: str, archive: Path) -> PurePosixPath | None:
         raise PipelineError(f"{archive}: refusing member {name!r}: its path escapes the "
                             "extraction folder (absolute or with '..'); the archive is unsafe")
     parts = [p for p in path.parts if p not in ("", ".")]
-    if not parts or parts[0] == "__MACOSX" or parts[-1] == ".DS_Store":
-        return None
-    return PurePosixPath(*parts)
+    return PurePosixPath(*parts) if parts else None
 
 
-def safe_extract(archive: Path, target: Path, progress: bool = True) -> int:
-    """Extract a zip or tar archive into ``target``; returns the number of files written.
+class Extraction(NamedTuple):
+    """What :func:`safe_extract` did: files written, and OS junk skipped by kind."""
+
+    files: int
+    junk: dict[str, int]
+
+
+def safe_extract(archive: Path, target: Path, progress: bool = True) -> Extraction:
+    """Extract a zip or tar archive into ``target``; returns the files written and junk skipped.
 
     Every member is checked BEFORE anything is written: absolute paths, ``..`` components,
     symbolic and hard links, and device files are refused (:class:`PipelineError`), so a hostile
-    archive leaves nothing behind. ``__MACOSX/`` and ``.DS_Store`` entries are skipped.
+    archive leaves nothing behind. OS junk (``__MACOSX/``, AppleDouble ``._*``, ``.DS_Store``:
+    :mod:`covid_xray.junk`) is skipped and counted.
     """
     target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
+    junk: Counter[str] = Counter()
+
+    def wanted(rel: PurePosixPath | None, is_dir: bool) -> PurePosixPath | None:
+        """``rel`` if it is a file to write; junk is counted."""
+        if rel is None or is_dir:
+            return None
+        kind = junk_kind(rel)
+        if kind is not None:
+            junk[kind] += 1
+        return rel if kind is None else None
 
     def destination(rel: PurePosixPath) -> Path:
         out = (root / rel).resolve()
@@ -550,15 +798,14 @@ def safe_extract(archive: Path, target: Path, progress: bool = True) -> int:
                 if stat.S_ISLNK(mode):
                     raise PipelineError(f"{archive}: refusing member {info.filename!r}: "
                                         "symbolic links are not extracted")
-                if rel is None or info.is_dir():
-                    continue
-                plan.append((info, destination(rel)))
+                if (keep := wanted(rel, info.is_dir())) is not None:
+                    plan.append((info, destination(keep)))
             for info, out in tqdm(plan, desc=f"extract {archive.name}", unit="file",
                                   disable=not progress, leave=False):
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, out.open("wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-            return len(plan)
+            return Extraction(len(plan), _sorted_counts(junk))
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
             members: list[tuple[tarfile.TarInfo, Path]] = []
@@ -570,9 +817,8 @@ def safe_extract(archive: Path, target: Path, progress: bool = True) -> int:
                 if not (member.isfile() or member.isdir()):
                     raise PipelineError(f"{archive}: refusing member {member.name!r}: not a "
                                         "regular file or folder")
-                if rel is None or member.isdir():
-                    continue
-                members.append((member, destination(rel)))
+                if (keep := wanted(rel, member.isdir())) is not None:
+                    members.append((member, destination(keep)))
             for member, out in tqdm(members, desc=f"extract {archive.name}", unit="file",
                                     disable=not progress, leave=False):
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -581,7 +827,7 @@ def safe_extract(archive: Path, target: Path, progress: bool = True) -> int:
                     continue
                 with src, out.open("wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-            return len(members)
+            return Extraction(len(members), _sorted_counts(junk))
     raise PipelineError(f"{archive}: neither a zip nor a tar archive (a broken download? delete "
                         "it and run the stage again)")
 
@@ -590,12 +836,18 @@ def safe_extract(archive: Path, target: Path, progress: bool = True) -> int:
 # Arranging extracted archives into the contract layout
 # --------------------------------------------------------------------------------------------
 
-def _walk_dirs(root: Path) -> list[Path]:
-    """All folders under ``root``, shallowest first (skipping ``__MACOSX``)."""
+def _walk_dirs(root: Path, max_depth: int | None = None, skip: Path | None = None) -> list[Path]:
+    """``root`` and the folders under it (``max_depth`` levels at most), shallowest first; not
+    ``__MACOSX``, hidden folders or ``skip``."""
     found = [root]
+    skip = skip.resolve() if skip is not None else None
     for dirpath, dirnames, _ in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != "__MACOSX")
-        found.extend(Path(dirpath) / d for d in dirnames)
+        here = Path(dirpath)
+        depth = len(here.relative_to(root).parts)
+        dirnames[:] = [] if max_depth is not None and depth >= max_depth else sorted(
+            d for d in dirnames if d != MACOSX_DIR and not d.startswith(".")
+            and (skip is None or (here / d).resolve() != skip))
+        found.extend(here / d for d in dirnames)
     return sorted(found, key=lambda p: (len(p.relative_to(root).parts), str(p)))
 
 
@@ -614,22 +866,26 @@ def _is_kermany_root(folder: Path) -> bool:
         for split in ("train", "test"))
 
 
-def arrange(layout: str, extracted: Path, target: Path, archive: str) -> dict[str, int]:
-    """Move an extracted archive's dataset folder into place under ``target``."""
+def arrange(layout: str, extracted: Path, target: Path, archive: str) -> dict[str, Any]:
+    """Move an extracted archive's dataset folder into place under ``target``; returns what was
+    arranged from where (``root`` relative to the archive's top)."""
     if layout == "covid":
         source = find_folder(extracted, lambda p: (p / "metadata.csv").is_file()
                              and (p / "images").is_dir(), "metadata.csv + images/", archive)
         os.replace(source, target / COVID_DIR)
-        return {"folders": 1}
+        return {"root": _rel(source, extracted)}
     if layout == "kermany":
         source = find_folder(extracted, _is_kermany_root, "train/ and test/ with NORMAL/ and "
                              "PNEUMONIA/", archive)
-        os.replace(source, target / KERMANY_DIR)
-        return {"folders": 1}
+        plan = Plan()
+        report = plan_kermany(source, extracted, plan)
+        materialize(plan, target, move=True)
+        return report
     if layout == "actualmed":
         source = find_folder(extracted, lambda p: (p / "metadata.csv").is_file(),
                              "metadata.csv", archive)
-        return arrange_external(source, target / EXTERNAL_DIR, archive)
+        return {"root": _rel(source, extracted),
+                **arrange_external(source, target / EXTERNAL_DIR, archive)}
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -662,9 +918,15 @@ def arrange_external(source: Path, target: Path, archive: str) -> dict[str, int]
 
 
 def fetch_and_arrange(target: Path, downloads: Path, archives: Sequence[RemoteArchive],
-                      progress: bool = True) -> list[dict[str, Any]]:
-    """Download (or reuse), verify, safely extract and arrange every archive into ``target``."""
+                      progress: bool = True) -> dict[str, Any]:
+    """Download (or reuse), verify, safely extract and arrange every archive into ``target``.
+
+    Returns SOURCE.json's ``archives`` (one entry each), ``junk_skipped`` (all archives) and,
+    for the Kermany archive, ``kermany`` (val/ added to train, copies and entries not read).
+    """
     results = []
+    junk: Counter[str] = Counter()
+    kermany: dict[str, Any] = {}
     scratch = target / ".extract"
     for archive in archives:
         info = download(archive, downloads, progress=progress)
@@ -672,12 +934,18 @@ def fetch_and_arrange(target: Path, downloads: Path, archives: Sequence[RemoteAr
         cached, resumed = info.pop("cached"), info.pop("resumed_from")
         how = "cached" if cached else f"downloaded (resumed at byte {resumed:,})" if resumed \
             else "downloaded"
-        log.info("%s: %s, %s bytes, sha256 %s", archive.filename, how, f"{info['bytes']:,}",
+        log.info("%s: %s, %s bytes, sha256 %s", info["file"], how, f"{info['bytes']:,}",
                  info["sha256"])
         extracted = scratch / archive.name
-        info["files_extracted"] = safe_extract(downloads / archive.filename, extracted, progress)
-        info["arranged"] = arrange(archive.layout, extracted, target, archive.filename)
+        extraction = safe_extract(downloads / info["file"], extracted, progress)
+        info["files_extracted"], info["junk_skipped"] = extraction
+        junk.update(extraction.junk)
+        arranged = arrange(archive.layout, extracted, target, info["file"])
+        if archive.layout == "kermany":
+            kermany, arranged = arranged, {"root": arranged["root"]}
+        info["arranged"] = arranged
         shutil.rmtree(extracted, ignore_errors=True)
         results.append(info)
     shutil.rmtree(scratch, ignore_errors=True)
-    return results
+    return {"archives": results, "junk_skipped": _sorted_counts(junk),
+            **({"kermany": kermany} if kermany else {})}

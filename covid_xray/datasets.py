@@ -33,6 +33,7 @@ from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, resol
 from covid_xray.errors import PipelineError
 from covid_xray.imaging import ImageRejected, decode_checked, read_image_info
 from covid_xray.io import read_stage_csv, sha256_file, write_csv
+from covid_xray.junk import is_junk
 from covid_xray.params import CopyParams
 
 log = logging.getLogger("covid_xray.datasets")
@@ -154,13 +155,14 @@ def covid_candidates(table_path: Path, covid_dir: Path) -> list[Candidate]:
 
 
 def kermany_candidates(kermany_dir: Path, split: str, label: str) -> list[Candidate]:
-    """Every file of ``chest_xray/<split>/<CLASS>/`` (sorted: listing order must not matter)."""
+    """Every file of ``chest_xray/<split>/<CLASS>/`` (sorted: listing order must not matter)
+    but OS junk (``._*``, ``.DS_Store``: not images, so never reported as corrupt ones)."""
     folder = kermany_dir / split / KERMANY_CLASSES[label]
     if not folder.is_dir():
         raise PipelineError(f"{folder}: folder not found; expected Kermany's chest_xray layout "
                             "{train,test}/{NORMAL,PNEUMONIA}/. Re-run the acquire stage.")
     return [Candidate(path, label, kermany_patient_id(path.name))
-            for path in sorted(folder.iterdir()) if path.is_file()]
+            for path in sorted(folder.iterdir()) if path.is_file() and not is_junk(path.name)]
 
 
 # -------------------------------------------------------------------------------------- sampling
@@ -440,7 +442,8 @@ def external_files(name: str, folder: str, root: Path) -> pd.DataFrame:
     rows = [(str(path), label, sha256_file(path))
             for label in EXTERNAL_LABELS if (location / label).is_dir()
             for path in sorted((location / label).rglob("*"))
-            if path.is_file() and not path.name.startswith(".")]
+            if path.is_file() and not path.name.startswith(".")
+            and not is_junk(path.relative_to(location))]
     if not rows:
         raise PipelineError(f"params.yaml `validate.external.{name}`: {location} has no images "
                             f"in covid/, normal/ or pneumonia/ subfolders")

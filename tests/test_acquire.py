@@ -15,6 +15,7 @@ import tarfile
 import threading
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,18 +28,23 @@ import pytest
 from pipeline_helpers import FAST_PARAMS, deep_update, make_repo_copy, run
 
 from covid_xray.acquire import (
+    DATASETS,
     STAMP_FILE,
+    Plan,
     RemoteArchive,
     acquire,
     count_raw,
     describe,
     download,
-    link_tree,
+    materialize,
+    plan_tree,
     refresh,
     safe_extract,
 )
 from covid_xray.config import Paths
+from covid_xray.datasets import Candidate, external_files, inspect_file, kermany_candidates
 from covid_xray.errors import PipelineError
+from covid_xray.junk import junk_kind
 from covid_xray.params import Params, parse_params
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +422,7 @@ def test_extraction_of_a_clean_tar_and_a_non_archive(tmp_path: Path) -> None:
     archive = tmp_path / "ok.tar.gz"
     archive.write_bytes(_tar([_tar_member("top/"[:-1], tarfile.DIRTYPE),
                               _tar_member("top/a.txt"), _tar_member("top/b/c.txt")]))
-    assert safe_extract(archive, tmp_path / "out", progress=False) == 2
+    assert safe_extract(archive, tmp_path / "out", progress=False) == (2, {})
     assert (tmp_path / "out" / "top" / "b" / "c.txt").read_bytes() == b"x"
     junk = tmp_path / "page.zip"
     junk.write_text("<html>rate limited</html>")
@@ -468,7 +474,7 @@ def test_local_source_inside_data_raw_is_refused(tmp_path: Path) -> None:
         acquire(_params("data/raw", tmp_path), paths, progress=False)
 
 
-def test_link_tree_falls_back_to_symlinks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linking_falls_back_to_symlinks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "src" / "a").mkdir(parents=True)
     (tmp_path / "src" / "a" / "x.jpeg").write_bytes(b"1")
 
@@ -476,7 +482,9 @@ def test_link_tree_falls_back_to_symlinks(tmp_path: Path, monkeypatch: pytest.Mo
         raise OSError("cross-device link")
 
     monkeypatch.setattr(os, "link", no_hard_links)
-    counts = link_tree(tmp_path / "src", tmp_path / "dst")
+    plan = Plan()
+    plan_tree(tmp_path / "src", "dst", plan)
+    counts = materialize(plan, tmp_path, move=False)
     assert counts == {"hardlinks": 0, "symlinks": 1}
     assert (tmp_path / "dst" / "a" / "x.jpeg").is_symlink()
     assert (tmp_path / "dst" / "a" / "x.jpeg").read_bytes() == b"1"
@@ -522,6 +530,357 @@ def test_stage_script_logs_one_line(repo_root: Path, tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
     assert "data.demo.max_side" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The archives in the shapes users get them (built from real sample files, and from demo files
+# so that a clone without the sample covers the same shapes)
+# --------------------------------------------------------------------------------------------
+
+COMMIT = "6a4242344473ccb5ed0d2148d8c7bfb1691e4ed8"
+APPLEDOUBLE = (b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02"
+               b"\x00\x00\x00\x09\x00\x00\x00\x32\x00\x00\x0e\xb0"
+               b"\x00\x00\x00\x02\x00\x00\x0e\xe2\x00\x00\x01\x1e").ljust(4096, b"\x00")
+"""A macOS AppleDouble file (``._<name>``): resource fork and Finder info, not an image."""
+DS_STORE = b"\x00\x00\x00\x01Bud1".ljust(6148, b"\x00")
+ARCHIVE_NAMES = {archive.layout: archive.filename for archive in DATASETS}
+KAGGLE_ZIP = "chest-xray-pneumonia.zip"
+
+
+@pytest.fixture(scope="module", params=["sample", "demo"])
+def collection(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding covid-chestxray-dataset/ and chest_xray/{train,test}/: the real sample,
+    or (on a clone without it) a small demo set."""
+    if request.param == "sample":
+        return request.getfixturevalue("xray_sample")
+    paths = Paths(tmp_path_factory.mktemp("demo-collection"))
+    acquire(_params("demo", paths.root, **SMALL_DEMO), paths, progress=False)
+    return paths.raw
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative posix path -> bytes)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _with_folders(files: dict[str, bytes], top: str) -> dict[str, bytes | None]:
+    """``files`` under ``top/`` with a folder entry before each folder's files, as zip tools
+    write them."""
+    entries: dict[str, bytes | None] = {f"{top}/": None}
+    for rel, data in files.items():
+        parts = rel.split("/")
+        for depth in range(1, len(parts)):
+            entries.setdefault(f"{top}/{'/'.join(parts[:depth])}/", None)
+        entries[f"{top}/{rel}"] = data
+    return entries
+
+
+def github_zip(folder: Path, repo: str) -> bytes:
+    """As GitHub serves ``/archive/<commit>.zip``: one top folder ``<repo>-<commit>/``, folder
+    entries, the commit in the zip comment."""
+    return _zip(_with_folders(_tree(folder), f"{repo}-{COMMIT}"), comment=COMMIT.encode())
+
+
+def _mac_litter(files: dict[str, bytes], top: str) -> dict[str, bytes]:
+    """What the Mac's "Compress" adds for ``files`` (relative to ``top``): an AppleDouble
+    ``._<name>`` under ``__MACOSX/<top>/`` for each file and folder, a ``.DS_Store`` in the top
+    folder and in each split folder (with its own AppleDouble)."""
+    litter: dict[str, bytes] = {}
+    folders = sorted({rel.rsplit("/", 1)[0] for rel in files} | {"train", "test"})
+    for rel in [*files, *folders]:
+        parent, _, name = rel.rpartition("/")
+        litter[f"__MACOSX/{top}/{parent + '/' if parent else ''}._{name}"] = APPLEDOUBLE
+    for where in ("", "train/", "test/"):
+        litter[f"{top}/{where}.DS_Store"] = DS_STORE
+        litter[f"__MACOSX/{top}/{where}._.DS_Store"] = APPLEDOUBLE
+    return litter
+
+
+def mendeley_zip(kermany: Path) -> tuple[bytes, Counter[str]]:
+    """Mendeley's ``ChestXRay2017.zip``: ``chest_xray/{train,test}/{NORMAL,PNEUMONIA}/`` plus
+    ``.DS_Store`` files and a top-level ``__MACOSX/``. Returns the zip and its junk by kind."""
+    files = _tree(kermany)
+    litter = _mac_litter(files, "chest_xray")
+    entries = {**_with_folders(files, "chest_xray"), **litter}
+    return _zip(entries), _kinds(litter)
+
+
+def kaggle_files(kermany: Path, val_per_class: int) -> dict[str, bytes]:
+    """Kaggle's split of the same files: the last ``val_per_class`` train images of each class
+    moved to ``val/`` (as Kaggle carved its 8 + 8 val images out of Mendeley's train)."""
+    files = _tree(kermany)
+    for label in ("NORMAL", "PNEUMONIA"):
+        for rel in sorted(r for r in files if r.startswith(f"train/{label}/"))[-val_per_class:]:
+            files[f"val/{rel.removeprefix('train/')}"] = files.pop(rel)
+    return dict(sorted(files.items()))
+
+
+def kaggle_zip(kermany: Path, val_per_class: int) -> tuple[bytes, Counter[str]]:
+    """Kaggle's ``chest-xray-pneumonia.zip``: ``chest_xray/{train,test,val}/``, the same tree
+    again as ``chest_xray/chest_xray/``, ``.DS_Store`` files and ``chest_xray/__MACOSX/``."""
+    files = kaggle_files(kermany, val_per_class)
+    nested = {f"chest_xray/{rel}": data for rel, data in files.items()}
+    litter = {f"chest_xray/{name}": data for name, data in _mac_litter(files, "chest_xray").items()
+              if name.startswith("__MACOSX/")}
+    litter.update({f"chest_xray/{where}.DS_Store": DS_STORE
+                   for where in ("", "train/", "chest_xray/")})
+    entries = {**_with_folders({**files, **nested}, "chest_xray"), **litter}
+    return _zip(dict(sorted(entries.items()))), _kinds(litter)
+
+
+def _kinds(litter: dict[str, bytes]) -> Counter[str]:
+    return Counter(junk_kind(name) for name in litter)
+
+
+def actualmed_zip(collection: Path) -> bytes:
+    """A GitHub archive in the Actualmed layout, from two of the collection's images."""
+    tests = sorted((collection / "chest_xray" / "test").rglob("*.jpeg"))
+    folder = {"metadata.csv": b"patientid,finding,view,imagename\n"
+                              b"A1,COVID-19,PA,c1.jpeg\nA2,No finding,PA,n1.jpeg\n",
+              "images/c1.jpeg": tests[0].read_bytes(), "images/n1.jpeg": tests[-1].read_bytes()}
+    top = f"Actualmed-COVID-chestxray-dataset-{COMMIT}"
+    return _zip(_with_folders(folder, top), comment=COMMIT.encode())
+
+
+def _val_per_class(collection: Path) -> int:
+    return 2 if len(list((collection / "chest_xray" / "train" / "NORMAL").iterdir())) > 4 else 1
+
+
+def _place_archives(collection: Path, shape: str, downloads: Path) -> Counter[str]:
+    """The three archives in ``downloads`` under the names users give them; returns the junk
+    the Kermany one holds."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    (downloads / ARCHIVE_NAMES["covid"]).write_bytes(
+        github_zip(collection / "covid-chestxray-dataset", "covid-chestxray-dataset"))
+    (downloads / ARCHIVE_NAMES["actualmed"]).write_bytes(actualmed_zip(collection))
+    kermany = collection / "chest_xray"
+    if shape == "mendeley":
+        data, junk = mendeley_zip(kermany)
+        (downloads / ARCHIVE_NAMES["kermany"]).write_bytes(data)
+    else:
+        data, junk = kaggle_zip(kermany, _val_per_class(collection))
+        (downloads / KAGGLE_ZIP).write_bytes(data)
+    return junk
+
+
+def _assert_arranged_like(raw: Path, collection: Path) -> None:
+    """data/raw holds exactly the collection's files (Kaggle's val/ back in train/, one copy of
+    each image) and no OS junk at all."""
+    assert _tree(raw / "chest_xray") == _tree(collection / "chest_xray")
+    covid = _tree(raw / "covid-chestxray-dataset")
+    assert covid == _tree(collection / "covid-chestxray-dataset")
+    leftovers = [p for p in raw.rglob("*") if junk_kind(p.relative_to(raw)) is not None]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("shape", ["mendeley", "kaggle"])
+def test_download_source_arranges_the_archives_as_published(
+        collection: Path, shape: str, tmp_path: Path) -> None:
+    """data.source=download with the archives placed in data/downloads/ (the real archive
+    names, so the real DATASETS definitions and no network)."""
+    paths = Paths(tmp_path)
+    junk = _place_archives(collection, shape, paths.downloads)
+    summary, rebuilt = refresh(_params("download", tmp_path), paths, progress=False)
+    assert rebuilt
+    _assert_arranged_like(paths.raw, collection)
+    counts = count_raw(paths.raw)
+    assert summary["counts"] == counts and set(counts["kermany"]) == {"train", "test"}
+    assert counts["external"] == {"covid": 1, "normal": 1}
+
+    # Junk: skipped while extracting, counted by kind, never an image.
+    assert summary["junk_skipped"] == dict(junk) and sum(junk.values()) > 0
+    kermany_info = next(a for a in summary["archives"] if a["name"] == "chest_xray")
+    assert kermany_info["junk_skipped"] == dict(junk)
+    covid_info = next(a for a in summary["archives"] if a["name"] == "covid-chestxray-dataset")
+    assert covid_info["arranged"] == {"root": f"covid-chestxray-dataset-{COMMIT}"}
+
+    report = summary["kermany"]
+    assert report["root"] == "chest_xray" and report["ignored"] == []
+    line = describe(summary, "data/raw", 1.0)
+    assert f"{sum(junk.values()):,} OS junk files skipped" in line
+    if shape == "kaggle":
+        val = _val_per_class(collection)
+        assert kermany_info["file"] == KAGGLE_ZIP and kermany_info["sha256_verified"] is False
+        assert report["val_into_train"] == {"NORMAL": val, "PNEUMONIA": val}
+        files = len(_tree(collection / "chest_xray"))
+        assert report["copies_ignored"] == [{"folder": "chest_xray/chest_xray", "files": files,
+                                             "same_names_and_sizes": True}]
+        assert f"Kermany val/: {2 * val} images added to train/" in line
+        assert "chest_xray/chest_xray/ ignored: a second copy" in line
+        assert set(junk) == {"macosx", "ds_store"}
+    else:
+        assert kermany_info["file"] == "ChestXRay2017.zip"
+        assert report["val_into_train"] == {} and report["copies_ignored"] == []
+        assert "val/" not in line
+        assert set(junk) == {"macosx", "ds_store"}
+
+    again, rebuilt = refresh(_params("download", tmp_path), paths, progress=False)
+    assert not rebuilt and again == summary
+
+
+def _extract_as_is(data: bytes, folder: Path) -> None:
+    """What ``unzip`` or a double click does: every member written, ``__MACOSX/`` included."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        zf.extractall(folder)
+
+
+@pytest.mark.parametrize("shape", ["mendeley", "kaggle"])
+def test_local_source_reads_the_archives_extracted_as_they_come(
+        collection: Path, shape: str, tmp_path: Path) -> None:
+    """data.source=<folder> holding each archive extracted as is: GitHub's
+    ``covid-chestxray-dataset-<commit>/`` and Mendeley's or Kaggle's ``chest_xray/`` with their
+    ``__MACOSX/``, ``.DS_Store`` files and (Kaggle) nested duplicate and val/."""
+    folder = tmp_path / "downloads-extracted"
+    _extract_as_is(github_zip(collection / "covid-chestxray-dataset", "covid-chestxray-dataset"),
+                   folder)
+    kermany = collection / "chest_xray"
+    if shape == "mendeley":
+        _extract_as_is(mendeley_zip(kermany)[0], folder)
+        # Copied through a USB stick by a Mac: AppleDouble files beside the images too.
+        normal = folder / "chest_xray" / "train" / "NORMAL"
+        for image in sorted(normal.iterdir()):
+            (normal / f"._{image.name}").write_bytes(APPLEDOUBLE)
+        (normal / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+        beside = len(list(kermany.joinpath("train", "NORMAL").iterdir()))
+        # Read: the .DS_Store in chest_xray/ and train/ (test/'s too), the files beside images;
+        # the top-level __MACOSX/ is beside the datasets, not in them: never read.
+        expected = {"appledouble": beside, "ds_store": 3, "windows": 1}
+    else:
+        _extract_as_is(kaggle_zip(kermany, _val_per_class(collection))[0], folder)
+        macosx = sum(1 for p in (folder / "chest_xray" / "__MACOSX").rglob("*") if p.is_file())
+        # Read: chest_xray/__MACOSX/ and the .DS_Store of chest_xray/ and train/; the nested
+        # copy is not read at all (its own .DS_Store included).
+        expected = {"macosx": macosx, "ds_store": 2}
+    assert not (folder / "covid-chestxray-dataset").exists()  # found by its archive's name
+
+    paths = Paths(tmp_path / "project")
+    params = _params(str(folder), paths.root)
+    summary, rebuilt = refresh(params, paths, progress=False)
+    assert rebuilt
+    _assert_arranged_like(paths.raw, collection)
+    assert summary["covid_root"] == f"covid-chestxray-dataset-{COMMIT}"
+    assert summary["junk_skipped"] == expected
+    report = summary["kermany"]
+    assert report["root"] == "chest_xray" and report["ignored"] == []
+    if shape == "kaggle":
+        val = _val_per_class(collection)
+        assert report["val_into_train"] == {"NORMAL": val, "PNEUMONIA": val}
+        assert [c["folder"] for c in report["copies_ignored"]] == ["chest_xray/chest_xray"]
+        assert report["copies_ignored"][0]["same_names_and_sizes"] is True
+    linked = paths.raw / "chest_xray" / "test" / "NORMAL"
+    original = folder / "chest_xray" / "test" / "NORMAL"
+    assert all(os.path.samefile(p, original / p.name) for p in linked.iterdir())
+
+    # The stamp still works: unchanged folder, data/raw untouched; a val image removed, relinked.
+    before = _states(paths.raw)
+    again, rebuilt = refresh(params, paths, progress=False)
+    assert not rebuilt and again == summary and _states(paths.raw) == before
+    if shape == "kaggle":
+        gone = next((folder / "chest_xray" / "val" / "NORMAL").iterdir())
+        gone.unlink()
+        summary, rebuilt = refresh(params, paths, progress=False)
+        assert rebuilt and not (paths.raw / "chest_xray" / "train" / "NORMAL" / gone.name).exists()
+        assert summary["kermany"]["val_into_train"]["NORMAL"] == val - 1
+        assert summary["kermany"]["copies_ignored"][0]["same_names_and_sizes"] is False
+
+
+def test_kermany_val_image_already_in_train(collection: Path, tmp_path: Path) -> None:
+    """A val/ file also in train/: dropped and counted when it is the same file, refused with
+    both names when it differs (never two files of one name, never a silent pick)."""
+    folder = tmp_path / "mydata"
+    shutil.copytree(collection / "covid-chestxray-dataset", folder / "covid-chestxray-dataset")
+    shutil.copytree(collection / "chest_xray", folder / "chest_xray")
+    train = folder / "chest_xray" / "train" / "PNEUMONIA"
+    (folder / "chest_xray" / "val" / "PNEUMONIA").mkdir(parents=True)
+    first, second = sorted(train.iterdir())[:2]
+    shutil.copy(first, folder / "chest_xray" / "val" / "PNEUMONIA" / first.name)
+    paths = Paths(tmp_path / "project")
+    summary = acquire(_params(str(folder), paths.root), paths, progress=False)
+    assert summary["kermany"]["val_into_train"] == {"NORMAL": 0, "PNEUMONIA": 0}
+    assert summary["kermany"]["val_duplicates"] == 1
+    assert _tree(paths.raw / "chest_xray") == _tree(collection / "chest_xray")
+    assert "Kermany val/: 0 images added to train/ (1 already there, same content)" in \
+        describe(summary, "data/raw", 1.0)
+
+    clash = folder / "chest_xray" / "val" / "PNEUMONIA" / first.name
+    clash.unlink()
+    shutil.copy(second, clash)  # another image under the same name
+    with pytest.raises(PipelineError) as error:
+        acquire(_params(str(folder), paths.root), paths, progress=False)
+    assert str(clash.resolve()) in str(error.value) and str(first.resolve()) in str(error.value)
+    assert "rename or remove one" in str(error.value)
+
+
+def test_local_source_without_the_datasets_names_what_to_put_where(tmp_path: Path) -> None:
+    folder = tmp_path / "mydata"
+    (folder / "covid-chestxray-dataset-master" / "images").mkdir(parents=True)  # no metadata.csv
+    (folder / "chest_xray" / "train").mkdir(parents=True)
+    (folder / "chest_xray" / "test").mkdir(parents=True)
+    with pytest.raises(PipelineError) as error:
+        acquire(_params(str(folder), tmp_path), Paths(tmp_path / "project"), progress=False)
+    message = str(error.value)
+    assert "covid-chestxray-dataset-<commit>/metadata.csv" in message
+    assert "chest_xray/train|test/NORMAL|PNEUMONIA/" in message
+
+
+def test_data_stages_ignore_os_junk_left_in_data_raw(tmp_path: Path) -> None:
+    """Junk that gets into data/raw after acquire (Finder browsing it, a copy by hand) is not an
+    image: the data stages' listings leave it out, so it is never counted as a corrupt one."""
+    paths = Paths(tmp_path)
+    acquire(_params("demo", tmp_path, **SMALL_DEMO), paths, progress=False)
+    normal = paths.raw / "chest_xray" / "train" / "NORMAL"
+    images = sorted(p.name for p in normal.iterdir())
+    for name in images:
+        (normal / f"._{name}").write_bytes(APPLEDOUBLE)
+    (normal / ".DS_Store").write_bytes(DS_STORE)
+    (normal / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    listed = kermany_candidates(paths.raw / "chest_xray", "train", "normal")
+    assert [c.source.name for c in listed] == images
+    # What listing them would have cost: each one refused as a broken image.
+    assert inspect_file(Candidate(normal / f"._{images[0]}", "normal", "x")).reason.startswith(
+        "not_image")
+
+    external = paths.raw / "external"
+    (external / "covid" / "__MACOSX").mkdir()
+    (external / "covid" / "__MACOSX" / "x.png").write_bytes(APPLEDOUBLE)
+    (external / "covid" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    table = external_files("demo", str(external), tmp_path)
+    assert not any(junk_kind(Path(p).relative_to(external)) for p in table["path"])
+    assert len(table) == sum(count_raw(paths.raw)["external"].values())
+
+
+@pytest.mark.slow
+def test_dvc_repro_on_a_placed_kaggle_archive(repo_root: Path, tmp_path: Path) -> None:
+    """The path a user takes: the Kaggle zip (and the two GitHub archives) placed in
+    data/downloads, `dvc repro` with data.source=download, no network."""
+    maker = Paths(tmp_path / "maker")
+    acquire(_params("demo", maker.root, **FAST_PARAMS["data"]["demo"]), maker, progress=False)
+    params = deep_update(json.loads(json.dumps(FAST_PARAMS)), {"data": {"source": "download"}})
+    repo = make_repo_copy(repo_root, tmp_path / "repo", params)
+    junk = _place_archives(maker.raw, "kaggle", repo / "data" / "downloads")
+    first = run(["dvc", "repro", "copy_images"], repo)
+    assert _ran(first.stdout) == {"acquire", "select_metadata", "copy_images"}
+    output = first.stdout + first.stderr
+    assert "Kermany val/: 4 images added to train/" in output
+    assert f"{sum(junk.values()):,} OS junk files skipped" in output
+
+    source = json.loads((repo / "data" / "raw" / "SOURCE.json").read_text())
+    assert source["counts"]["kermany"] == count_raw(maker.raw)["kermany"]
+    copied = json.loads((repo / "metrics" / "copy_images.json").read_text())
+    demo = FAST_PARAMS["data"]["demo"]
+    # One copy of each Kermany image (not two), val/ included; nothing skipped as broken.
+    assert copied["pools"]["kermany_train_normal"] == demo["kermany_train"]
+    assert copied["pools"]["kermany_test_pneumonia"] == demo["kermany_test"]
+    skipped = pd.read_csv(repo / "data" / "datasets" / "skipped.csv")
+    assert not skipped["reason"].str.startswith(("not_image", "corrupt", "empty")).any()
+    assert not skipped["source"].map(lambda s: junk_kind(s) is not None).any()
+
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "first run"], repo)
+    again = run(["dvc", "repro", "copy_images"], repo)
+    assert _ran(again.stdout) == {"acquire"}
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""
 
 
 # --------------------------------------------------------------------------------------------
