@@ -72,10 +72,6 @@ def assert_same_picture(a: Path, b: Path) -> None:
     assert list(near_duplicates([pa], [pb], max_distance=4)), f"{b} is no near-copy of {a}"
 
 
-COVID_ROWS: list[tuple[str, str, str]] = []
-"""(patient, filename, date) of the planted metadata.csv, filled by :func:`planted_source`."""
-
-
 def planted_source(folder: Path) -> Path:
     """The data.source folder: covid-chestxray-dataset/, chest_xray/, external/."""
     covid = folder / "covid-chestxray-dataset"
@@ -116,7 +112,6 @@ def planted_source(folder: Path) -> Path:
     add("51", "p51-other.jpg", "February 9, 2020")
     for k in range(3):
         save(external / "normal" / f"EXT-N{k}.jpg", film(5000 + k))
-    COVID_ROWS[:] = rows
     with (covid / "metadata.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(NEW_HEADER)
