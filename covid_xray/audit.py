@@ -13,36 +13,32 @@ never compared with each other.
 
 Three kinds of leak are counted: a ``patient`` present in both groups (one row per patient), an
 ``identical`` file (same SHA-256 of the bytes, one row per pair of files) and a ``near_duplicate``
-(a different file whose perceptual hash is within ``max_distance`` bits: the same X-ray re-encoded,
-resized or recompressed; one row per pair of files).
-
-Why near-duplicates need a second look: a 64-bit pHash keeps only the 8 x 8 lowest DCT frequencies,
-and on chest X-rays those are dominated by the anatomy every film shares. Measured on the demo data
-(487 images), 0.3% of pairs of DIFFERENT images lie within 4 bits (hundreds of false alarms a run);
-on the real sample none do (closest pair: 8 bits). So a pHash match is only a candidate, confirmed
-when the two 32 x 32 grey reductions the hash was computed from correlate at
->= :data:`MIN_CORRELATION` (re-encoded or resized copies: >= 0.996 even at 96 px; different demo
-images: <= 0.988; different real X-rays: <= 0.92).
+(a different file that is the same picture re-encoded, resized or recompressed, by the criterion of
+:mod:`covid_xray.duplicates`: pHash within ``max_distance`` bits AND 32 x 32 correlation >=
+:data:`~covid_xray.duplicates.MIN_CORRELATION`; one row per pair of files). copy_images keeps the
+sets disjoint by construction with the same criterion; this audit is the independent check of the
+written files (it reads the patient ids of the split files, not copy_images' merged groups).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-from tqdm import tqdm
-
 from covid_xray.config import MODEL_NAMES, Paths, resolve_path
+from covid_xray.duplicates import (
+    MIN_CORRELATION,
+    Fingerprint,
+    external_image_files,
+    fingerprint_files,
+    near_duplicates,
+)
 from covid_xray.errors import PipelineError
-from covid_xray.imaging import ImageDecodeError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +50,6 @@ SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "sha256", "spli
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "set", "label", "patient_id", "sha256")
 HELDOUT_SETS: tuple[str, ...] = ("heldout", "kermany_test")
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
-PHASH_SIZE = 32
-"""Images are reduced to 32 x 32 grey before the DCT; the 8 x 8 lowest frequencies give 64 bits."""
-MIN_CORRELATION = 0.993
-"""Pearson correlation of the 32 x 32 reductions that confirms a pHash candidate (see above)."""
 
 
 @dataclass(frozen=True)
@@ -69,16 +61,6 @@ class AuditImage:
     """As reported: relative to the project root (posix) when inside it, else absolute."""
     file: Path
     patient_id: str = ""
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """Content identity of a file: SHA-256 of its bytes, 64-bit pHash and the unit-norm,
-    zero-mean 32 x 32 grey reduction it came from (both None: undecodable)."""
-
-    sha256: str
-    phash: int | None
-    thumb: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, order=True)
@@ -163,94 +145,6 @@ def pair_key(group_a: str, group_b: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Perceptual hash
-
-
-def reduce_image(image: np.ndarray) -> np.ndarray:
-    """Grey, 32 x 32 (area interpolation), float32: the common input of pHash and correlation."""
-    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    small = cv2.resize(grey, (PHASH_SIZE, PHASH_SIZE), interpolation=cv2.INTER_AREA)
-    return small.astype(np.float32)
-
-
-def phash_reduced(small: np.ndarray) -> int:
-    coefficients = cv2.dct(small)[:8, :8]
-    bits = (coefficients > np.median(coefficients)).ravel()
-    return int(np.packbits(bits).view(">u8")[0])
-
-
-def phash(image: np.ndarray) -> int:
-    """64-bit DCT perceptual hash (the classic pHash, as in the ``imagehash`` package).
-
-    Grey, 32 x 32, 2-D DCT, keep the 8 x 8 lowest frequencies, one bit per coefficient: above
-    their median or not. Re-encoding, recompression and small resizes move few bits.
-    """
-    return phash_reduced(reduce_image(image))
-
-
-def unit_thumb(small: np.ndarray) -> np.ndarray:
-    """Zero-mean, unit-norm flattening: the dot product of two is their Pearson correlation
-    (all zeros for a flat image, which then correlates with nothing)."""
-    flat = small.ravel().astype(np.float32)
-    flat = flat - flat.mean()
-    norm = float(np.linalg.norm(flat))
-    return flat / norm if norm > 1e-6 else np.zeros_like(flat)
-
-
-def signature(image: np.ndarray) -> tuple[int, np.ndarray]:
-    """pHash and unit thumbnail of one decoded image (one reduction for both)."""
-    small = reduce_image(image)
-    return phash_reduced(small), unit_thumb(small)
-
-
-def hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
-
-
-def near_pairs(hashes_a: np.ndarray, hashes_b: np.ndarray, max_distance: int,
-               chunk: int = 1024) -> Iterator[tuple[int, int, int]]:
-    """All ``(i, j, distance)`` with Hamming distance <= ``max_distance`` (exact, chunked).
-
-    XOR + popcount on uint64 over the full cross product: for 5,000 x 5,000 images that is 25 M
-    operations in NumPy, about a second, and never more than ``chunk`` x ``len(b)`` in memory.
-    """
-    a = np.asarray(hashes_a, dtype=np.uint64)
-    b = np.asarray(hashes_b, dtype=np.uint64)
-    if a.size == 0 or b.size == 0:
-        return
-    for start in range(0, a.size, chunk):
-        distances = np.bitwise_count(a[start:start + chunk, None] ^ b[None, :])
-        rows, cols = np.nonzero(distances <= max_distance)
-        for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
-            yield start + i, j, int(distances[i, j])
-
-
-def fingerprint_files(files: Iterable[Path], progress: bool = True
-                      ) -> tuple[dict[Path, Fingerprint], list[tuple[Path, str]]]:
-    """SHA-256 and pHash of every file (each decoded once; identical bytes hashed once).
-
-    Undecodable files keep their SHA-256 (identical-file checks still apply) with ``phash`` None,
-    and are returned with the reason so the stage can list them.
-    """
-    unique = sorted(set(files))
-    prints: dict[Path, Fingerprint] = {}
-    by_sha: dict[str, tuple[int | None, np.ndarray | None]] = {}
-    unreadable: list[tuple[Path, str]] = []
-    for file in tqdm(unique, desc="audit: hashing", unit="img", disable=not progress):
-        data = file.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        if sha not in by_sha:
-            try:
-                by_sha[sha] = signature(load_image(file))
-            except ImageDecodeError as exc:
-                by_sha[sha] = (None, None)
-                unreadable.append((file, str(exc).removeprefix(f"{file}: ")))
-        hash64, thumb = by_sha[sha]
-        prints[file] = Fingerprint(sha256=sha, phash=hash64, thumb=thumb)
-    return prints, unreadable
-
-
-# ---------------------------------------------------------------------------------------------
 # Groups
 
 
@@ -312,10 +206,8 @@ def heldout_groups(manifest: Path, datasets: Path, root: Path) -> dict[str, list
 def external_group(name: str, folder: Path, root: Path) -> list[AuditImage]:
     """Every (non-hidden) file under an external folder; externals carry no patient ids."""
     group = f"external/{name}"
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and not any(part.startswith(".")
-                                              for part in p.relative_to(folder).parts))
-    return [AuditImage(group=group, path=display_path(f, root), file=f) for f in files]
+    return [AuditImage(group=group, path=display_path(f, root), file=f)
+            for f in external_image_files(folder)]
 
 
 def collect_groups(paths: Paths, external: Mapping[str, str],
@@ -358,8 +250,8 @@ def find_leaks(groups: Mapping[str, Sequence[AuditImage]], prints: Mapping[Path,
                min_correlation: float = MIN_CORRELATION) -> list[Leak]:
     """Every shared patient, identical file and near-duplicate between the given pairs.
 
-    Near-duplicate: pHash within ``max_distance`` bits AND 32 x 32 correlation >=
-    ``min_correlation`` (see the module docstring for why both).
+    Near-duplicate: :func:`covid_xray.duplicates.near_duplicates` between different files (pHash
+    within ``max_distance`` bits AND 32 x 32 correlation >= ``min_correlation``).
     """
     leaks: list[Leak] = []
     for name_a, name_b in pairs:
@@ -371,15 +263,11 @@ def find_leaks(groups: Mapping[str, Sequence[AuditImage]], prints: Mapping[Path,
         for image in a:
             for other in by_sha.get(prints[image.file].sha256, []):
                 leaks.append(Leak("identical", name_a, image.path, name_b, other.path))
-        hashed_a = [i for i in a if prints[i.file].phash is not None]
-        hashed_b = [i for i in b if prints[i.file].phash is not None]
-        hashes_a = np.array([prints[i.file].phash for i in hashed_a], dtype=np.uint64)
-        hashes_b = np.array([prints[i.file].phash for i in hashed_b], dtype=np.uint64)
-        for i, j, distance in near_pairs(hashes_a, hashes_b, max_distance):
-            image, other = hashed_a[i], hashed_b[j]
-            fa, fb = prints[image.file], prints[other.file]
-            if fa.sha256 != fb.sha256 and float(fa.thumb @ fb.thumb) >= min_correlation:
-                leaks.append(Leak("near_duplicate", name_a, image.path, name_b, other.path,
+        prints_a = [prints[i.file] for i in a]
+        prints_b = [prints[i.file] for i in b]
+        for i, j, distance in near_duplicates(prints_a, prints_b, max_distance, min_correlation):
+            if prints_a[i].sha256 != prints_b[j].sha256:  # identical files: counted above
+                leaks.append(Leak("near_duplicate", name_a, a[i].path, name_b, b[j].path,
                                   distance=distance))
     order = {kind: k for k, kind in enumerate(LEAK_KINDS)}
     return sorted(leaks, key=lambda leak: (order[leak.kind], leak))
@@ -405,7 +293,7 @@ def run_audit(groups: Mapping[str, Sequence[AuditImage]], max_distance: int,
     """Hash every image once and check every must-be-disjoint pair of groups."""
     pairs = disjoint_pairs(groups, models)
     files = (image.file for images in groups.values() for image in images)
-    prints, unreadable = fingerprint_files(files, progress=progress)
+    prints, unreadable = fingerprint_files(files, progress=progress, desc="audit: hashing")
     leaks = find_leaks(groups, prints, pairs, max_distance)
     root_paths = {image.file: image.path for images in groups.values() for image in images}
     return AuditResult(leaks=leaks, pairs=pairs,

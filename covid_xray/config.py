@@ -69,6 +69,11 @@ class Paths:
     def manifest(self) -> Path:
         return self.datasets / "manifest.csv"
 
+    @property
+    def excluded(self) -> Path:
+        """Training images copy_images left out to keep sets disjoint (docs/contracts.md)."""
+        return self.datasets / "excluded.csv"
+
     def split_file(self, model_name: str) -> Path:
         return self.splits / f"{model_name}.csv"
 

@@ -7,12 +7,20 @@ again by hash before the folder is swapped in. Every image is decoded and checke
 server's own decode and image-level checks (``imaging.decode_checked``): a file the server would
 refuse (not an image, too large, truncated, corrupt, too small, colour, blank, page, noise) is
 listed in ``skipped.csv`` with the same reason name, never copied.
+
+Disjoint by construction: public collections publish one picture twice (ieee8023 under two patient
+ids, re-encoded) and re-splits of Kermany put one patient in both ``train/`` and ``test/``. So,
+before any draw, every decoded image is put in a *patient group*: the connected component of
+images linked by patient id, identical bytes or a near-duplicate (:mod:`covid_xray.duplicates`,
+the audit's own criterion). A training image is left out (``excluded.csv``, with its reason) when
+its group holds a held-out or Kermany-test image, when its group holds another label, or when it is
+the same picture as an external-set image. Kermany held-out images are drawn by whole groups, and
+the split groups by ``patient_group``, so no patient and no picture can sit on both sides.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -21,15 +29,25 @@ import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, resolve_path
+from covid_xray.duplicates import (
+    Fingerprint,
+    external_image_files,
+    fingerprint,
+    fingerprint_files,
+    near_duplicates,
+    same_pictures,
+)
 from covid_xray.errors import PipelineError
 from covid_xray.imaging import ImageRejected, decode_checked, read_image_info
 from covid_xray.io import read_stage_csv, sha256_file, write_csv
@@ -43,8 +61,18 @@ EVALUATION_SETS: tuple[str, ...] = ("heldout", "kermany_test")
 EXTERNAL_LABELS: tuple[str, ...] = ("covid", "normal", "pneumonia")
 """Class subfolders read from an external set (``validate.external.<name>``)."""
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "set", "label", "patient_id", "sha256", "source",
-                                     "width", "height", "format")
+                                     "width", "height", "format", "patient_group")
 SKIPPED_COLUMNS: tuple[str, ...] = ("source", "reason")
+EXCLUDED_REASONS: tuple[str, ...] = (
+    "same_picture_as_heldout", "same_picture_as_kermany_test", "patient_in_heldout",
+    "patient_in_kermany_test", "same_picture_as_external", "conflicting_labels")
+"""Why a usable training image is left out (``excluded.csv``), in the order they are tested."""
+EVALUATION_POOLS: dict[str, str] = {"covid_heldout": "heldout",
+                                    "kermany_test_normal": "kermany_test",
+                                    "kermany_test_pneumonia": "kermany_test"}
+"""Pools of evaluation images (copied as they are) and the set each becomes."""
+TRAINING_POOLS: tuple[str, ...] = ("covid_train", "kermany_train_normal",
+                                   "kermany_train_pneumonia")
 KERMANY_CLASSES: dict[str, str] = {"normal": "NORMAL", "pneumonia": "PNEUMONIA"}
 _INTERIM_COLUMNS = ("patient_id", "image_path")
 
@@ -82,10 +110,16 @@ class ImageRecord:
     source: Path
     label: str
     patient_id: str
-    sha256: str
+    fingerprint: Fingerprint = field(compare=False, repr=False)
     width: int
     height: int
     format: str
+    patient_group: str = ""
+    """The merged group (:func:`patient_groups`); empty until grouped."""
+
+    @property
+    def sha256(self) -> str:
+        return self.fingerprint.sha256
 
 
 @dataclass(frozen=True)
@@ -104,15 +138,16 @@ def classify_decode_error(exc: Exception) -> str:
 
 
 def inspect_file(candidate: Candidate) -> ImageRecord | Skip:
-    """Hash, fully decode and check one file, exactly as the server would before its models."""
+    """Hash, fully decode and check one file, exactly as the server would before its models;
+    the near-duplicate signature comes from the same decode (no second pass)."""
     try:
         data = candidate.source.read_bytes()
         info = read_image_info(data)
-        decode_checked(data)
+        rgb = decode_checked(data)
     except (ImageRejected, OSError) as exc:
         return Skip(candidate.source, f"{classify_decode_error(exc)}: {exc}")
     return ImageRecord(candidate.source, candidate.label, candidate.patient_id,
-                       hashlib.sha256(data).hexdigest(), info.width, info.height, info.format)
+                       fingerprint(data, rgb), info.width, info.height, info.format)
 
 
 def inspect_files(candidates: Sequence[Candidate], desc: str,
@@ -146,6 +181,105 @@ def drop_duplicates(images: Iterable[ImageRecord], seen: dict[str, Path],
     return kept, skips
 
 
+# ------------------------------------------------------------------------- disjoint by construction
+def patient_groups(images: Sequence[ImageRecord], max_distance: int) -> dict[Path, str]:
+    """The patient group of each image: connected components of images linked by patient id,
+    identical bytes or a near-duplicate (:func:`covid_xray.duplicates.near_duplicates`).
+
+    A group is named by its smallest patient id, so an image whose patient shares no picture with
+    another keeps its own id as its group. Deterministic: independent of the input order.
+    """
+    patients = {p: k for k, p in enumerate(sorted({i.patient_id for i in images}))}
+    shas = {h: k for k, h in enumerate(sorted({i.sha256 for i in images}))}
+    n, n_patients = len(images), len(patients)
+    edges = [(k, n + patients[image.patient_id]) for k, image in enumerate(images)]
+    edges += [(k, n + n_patients + shas[image.sha256]) for k, image in enumerate(images)]
+    prints = [image.fingerprint for image in images]
+    edges += [(i, j) for i, j, _ in near_duplicates(prints, prints, max_distance) if i < j]
+    rows, cols = zip(*edges, strict=True) if edges else ((), ())
+    size = n + n_patients + len(shas)
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(size, size))
+    _, component = connected_components(graph, directed=False)
+    names: dict[int, str] = {}
+    for k, image in enumerate(images):
+        label = int(component[k])
+        names[label] = min(names.get(label, image.patient_id), image.patient_id)
+    return {image.source: names[int(component[k])] for k, image in enumerate(images)}
+
+
+def leave_out(pools: dict[str, list[ImageRecord]], decoded: Iterable[ImageRecord],
+              max_distance: int, external: dict[str, dict[Path, Fingerprint]], raw_dir: Path
+              ) -> tuple[dict[str, list[ImageRecord]], list[Skip]]:
+    """Training pools without the images that would make sets share a patient or a picture.
+
+    Tested in the order of :data:`EXCLUDED_REASONS`: the image is the same picture as an
+    evaluation image (held-out or Kermany test); its patient group holds one (Kermany patients
+    in both ``train/`` and ``test/`` go to the test side); it is the same picture as a file of
+    an external set; its group holds another label among all ``decoded`` images (a picture
+    published as COVID-19 and as normal). Evaluation pools are never changed.
+    """
+    evaluation = [(EVALUATION_POOLS[name], image) for name in EVALUATION_POOLS
+                  for image in sorted(pools[name], key=lambda i: i.source.as_posix())]
+    eval_prints = [image.fingerprint for _, image in evaluation]
+    first_in_group: dict[str, tuple[str, ImageRecord]] = {}
+    for set_name, image in evaluation:
+        first_in_group.setdefault(image.patient_group, (set_name, image))
+    labels: dict[str, dict[str, ImageRecord]] = defaultdict(dict)
+    for image in sorted(decoded, key=lambda i: i.source.as_posix()):
+        labels[image.patient_group].setdefault(image.label, image)
+    external_files = [(name, file) for name, prints in sorted(external.items())
+                      for file in sorted(prints)]
+    external_prints = [external[name][file] for name, file in external_files]
+
+    kept_pools: dict[str, list[ImageRecord]] = {}
+    excluded: list[Skip] = []
+    for name in TRAINING_POOLS:
+        pool = pools[name]
+        prints = [image.fingerprint for image in pool]
+        same_eval = same_pictures(prints, eval_prints, max_distance)
+        same_external = same_pictures(prints, external_prints, max_distance)
+        kept: list[ImageRecord] = []
+        for k, image in enumerate(pool):
+            group = image.patient_group
+            if k in same_eval:
+                j, distance = same_eval[k]
+                set_name, other = evaluation[j]
+                reason = (f"same_picture_as_{set_name}: same picture as {set_name} image "
+                          f"{_rel(other.source, raw_dir)} (pHash distance {distance})")
+            elif group in first_in_group:
+                set_name, other = first_in_group[group]
+                via = ("" if other.patient_id == image.patient_id
+                       else f" of patient {other.patient_id}, linked to {image.patient_id} by "
+                            "a shared picture")
+                reason = (f"patient_in_{set_name}: patient group {group} has {set_name} image "
+                          f"{_rel(other.source, raw_dir)}{via}")
+            elif k in same_external:
+                j, distance = same_external[k]
+                set_name, file = external_files[j]
+                reason = (f"same_picture_as_external: same picture as external/{set_name} file "
+                          f"{_rel(file, raw_dir)} (pHash distance {distance})")
+            elif len(labels[group]) > 1:
+                others = sorted(set(labels[group]) - {image.label})
+                reason = (f"conflicting_labels: patient group {group} also holds a "
+                          f"{others[0]} image, {_rel(labels[group][others[0]].source, raw_dir)}")
+            else:
+                kept.append(image)
+                continue
+            excluded.append(Skip(image.source, reason))
+        kept_pools[name] = kept
+    return kept_pools, excluded
+
+
+def external_fingerprints(external: dict[str, Path]) -> dict[str, dict[Path, Fingerprint]]:
+    """Fingerprints of every file of each external set (an undecodable file: its SHA-256 only,
+    which still catches an identical training file)."""
+    prints: dict[str, dict[Path, Fingerprint]] = {}
+    for name, folder in sorted(external.items()):
+        prints[name], _ = fingerprint_files(external_image_files(folder),
+                                            desc=f"external {name}")
+    return prints
+
+
 # ------------------------------------------------------------------------------------ candidates
 def covid_candidates(table_path: Path, covid_dir: Path) -> list[Candidate]:
     """Rows of ``covid_selected.csv`` / ``covid_heldout.csv`` as files under the COVID dataset."""
@@ -173,14 +307,15 @@ def _rng(seed: int, purpose: str) -> np.random.Generator:
 
 def draw_heldout(images: Sequence[ImageRecord], count: int, seed: int,
                  purpose: str) -> tuple[list[ImageRecord], set[str]]:
-    """``count`` images from randomly chosen whole patients; returns them and the patients used.
+    """``count`` images from randomly chosen whole patient groups; returns them and the groups
+    used.
 
-    Every image of a used patient is reserved (not drawn for training), so held-out patients
-    never appear in a training folder.
+    Every image of a used group is reserved (not drawn for training), so held-out patients (and
+    pictures shared across patient ids) never appear in a training folder.
     """
     by_patient: dict[str, list[ImageRecord]] = defaultdict(list)
     for image in sorted(images, key=lambda i: i.source.as_posix()):
-        by_patient[image.patient_id].append(image)
+        by_patient[image.patient_group].append(image)
     patients = sorted(by_patient)
     order = _rng(seed, purpose).permutation(len(patients))
     chosen: list[ImageRecord] = []
@@ -259,18 +394,31 @@ class DatasetBuildError(PipelineError):
     list the message points to exists.
     """
 
-    def __init__(self, message: str, skipped: Sequence[Skip], raw_dir: Path) -> None:
-        counts = Counter(s.reason.split(":", 1)[0] for s in skipped)
-        detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"
+    def __init__(self, message: str, skipped: Sequence[Skip], raw_dir: Path,
+                 excluded: Sequence[Skip] = ()) -> None:
+        detail = _reason_counts(skipped)
+        left_out = (f"; left out to keep sets disjoint: {_reason_counts(excluded)}, listed in "
+                    f"{EXCLUDED_FILE}" if excluded else "")
         super().__init__(f"{message}. Skipped files: {detail}; each is listed with its reason "
-                         "in skipped.csv")
+                         f"in skipped.csv{left_out}")
         self.skipped = list(skipped)
+        self.excluded = list(excluded)
         self.raw_dir = raw_dir
 
 
-def write_skipped(folder: Path, skipped: Sequence[Skip], raw_dir: Path) -> Path:
-    """``<folder>/skipped.csv``: every file left out, relative to ``raw_dir``, with its reason."""
-    path = folder / "skipped.csv"
+def _reason_counts(skips: Sequence[Skip]) -> str:
+    counts = Counter(s.reason.split(":", 1)[0] for s in skips)
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"
+
+
+EXCLUDED_FILE = "excluded.csv"
+"""Usable training images left out so that sets stay disjoint (same columns as skipped.csv)."""
+
+
+def write_skipped(folder: Path, skipped: Sequence[Skip], raw_dir: Path,
+                  name: str = "skipped.csv") -> Path:
+    """``<folder>/<name>``: every file left out, relative to ``raw_dir``, with its reason."""
+    path = folder / name
     write_csv(path, SKIPPED_COLUMNS, [(_rel(s.source, raw_dir), s.reason) for s in skipped])
     return path
 
@@ -283,25 +431,34 @@ class DatasetBuild:
     skipped: list[Skip]
     links: Counter[str] = field(default_factory=Counter)
     report: dict[str, Any] = field(default_factory=dict)
+    excluded: list[Skip] = field(default_factory=list)
 
     def summary(self) -> str:
         counts = self.report["images"]
         parts = [f"{name} " + "/".join(f"{n} {label}" for label, n in counts[name].items())
                  for name in counts]
+        groups = self.report["patient_groups"]
         return (f"{len(self.manifest)} images ({'; '.join(parts)}); skipped "
-                f"{self.report['skipped']['total']} unusable or duplicate files; "
-                f"{self.links['hardlink']} hard links, {self.links['copy']} copies")
+                f"{self.report['skipped']['total']} unusable or duplicate files; left out "
+                f"{self.report['excluded']['total']} training images to keep sets disjoint "
+                f"({_reason_counts(self.excluded)}); {groups['merged']} patient groups merged "
+                f"by shared pictures; {self.links['hardlink']} hard links, "
+                f"{self.links['copy']} copies")
 
 
 def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
-                   params: CopyParams) -> DatasetBuild:
+                   params: CopyParams, *, max_distance: int,
+                   external: dict[str, Path] | None = None) -> DatasetBuild:
     """Populate ``out_dir`` (an empty temp folder) with every class folder, manifest and report.
 
     Training sets: all COVID training images in both models; as many NORMAL (PNEUMONIA) images,
     drawn with ``seed`` from Kermany train. Held-out: the held-out COVID rows, plus
-    ``params.heldout_*`` Kermany-train images from patients no training folder uses; and all of
-    Kermany test. Raises :class:`PipelineError` if the pools are too small or a disjointness
-    check fails.
+    ``params.heldout_*`` Kermany-train images from patient groups no training folder uses; and
+    all of Kermany test. Training images that would share a patient group or a picture with an
+    evaluation set, or a picture with an ``external`` folder (``name: folder``), are left out
+    (:func:`leave_out`; near-duplicate: pHash within ``max_distance`` bits, the audit's
+    ``audit.phash_max_distance``). Raises :class:`PipelineError` if the pools are too small or a
+    disjointness check fails.
     """
     covid_dir, kermany_dir = raw_dir / "covid-chestxray-dataset", raw_dir / "chest_xray"
     groups: dict[str, list[Candidate]] = {
@@ -322,7 +479,8 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
                 "data set (demo: raise data.demo.kermany_train)")
     every = [c for group in groups.values() for c in group]
     records, skipped = inspect_files(every, desc="decode")
-    decoded = {r.source: r for r in records}
+    grouped = patient_groups(records, max_distance)  # before dedup: identical files link too
+    decoded = {r.source: replace(r, patient_group=grouped[r.source]) for r in records}
     seen: dict[str, Path] = {}
     pools: dict[str, list[ImageRecord]] = {}
     for name, group in groups.items():  # evaluation groups first: they keep shared content
@@ -330,14 +488,20 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
                                      seen, raw_dir)
         pools[name] = kept
         skipped.extend(dups)
-
     skipped.sort(key=lambda s: s.source.as_posix())
+    usable = {name: len(pool) for name, pool in pools.items()}
+    training, excluded = leave_out(pools, decoded.values(), max_distance,
+                                   external_fingerprints(external or {}), raw_dir)
+    pools.update(training)
+    excluded.sort(key=lambda s: s.source.as_posix())
+
     covid_train = pools["covid_train"]
     if not covid_train:
         raise DatasetBuildError(
             f"{interim_dir / 'covid_selected.csv'}: none of the {len(groups['covid_train'])} "
-            f"COVID training images is usable (unreadable, refused or duplicate); nothing to "
-            f"train on", skipped, raw_dir)
+            f"COVID training images is usable (unreadable, refused or duplicate) and clear of "
+            f"the held-out, test and external sets; nothing to train on", skipped, raw_dir,
+            excluded)
     if params.max_per_class and len(covid_train) > params.max_per_class:
         log.info("copy.max_per_class=%d: training on %d of %d COVID images",
                  params.max_per_class, params.max_per_class, len(covid_train))
@@ -353,22 +517,23 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
     for model, label in ((m, NEGATIVE_CLASS[m]) for m in MODEL_NAMES):
         pool = pools[f"kermany_train_{label}"]
         key, size = f"copy.heldout_{label}", heldout_sizes[label]
-        patients = len({i.patient_id for i in pool})
+        patients = len({i.patient_group for i in pool})
         if size > len(pool):
             raise DatasetBuildError(
                 f"{kermany_dir / 'train' / KERMANY_CLASSES[label]}: {key}={size} but only "
-                f"{len(pool)} readable, unique images ({patients} patients) are there; lower "
-                f"{key} or use a larger data set (demo: raise data.demo.kermany_train)",
-                skipped, raw_dir)
+                f"{len(pool)} readable, unique images ({patients} patients) not shared with the "
+                f"test folder are there; lower {key} or use a larger data set (demo: raise "
+                "data.demo.kermany_train)", skipped, raw_dir, excluded)
         held, used = draw_heldout(pool, size, seed, f"heldout/{label}")
-        remaining = [i for i in pool if i.patient_id not in used]
+        remaining = [i for i in pool if i.patient_group not in used]
         if len(remaining) < wanted:
             raise DatasetBuildError(
                 f"{kermany_dir / 'train' / KERMANY_CLASSES[label]}: {model} needs {wanted} "
                 f"{label} images to balance its {wanted} COVID training images, but only "
                 f"{len(remaining)} readable, unique images remain after holding out {key}={size} "
-                f"images ({len(used)} patients) of {len(pool)}; lower {key} or use a larger "
-                "Kermany data set (demo: raise data.demo.kermany_train)", skipped, raw_dir)
+                f"images ({len(used)} patients) of {len(pool)} not shared with the test folder; "
+                f"lower {key} or use a larger Kermany data set (demo: raise "
+                "data.demo.kermany_train)", skipped, raw_dir, excluded)
         plan[("heldout", label)] = held
         plan[(model, label)] = draw_images(remaining, wanted, seed, f"train/{model}/{label}")
 
@@ -383,20 +548,26 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
         rows.append({"path": relative, "set": set_name, "label": label,
                      "patient_id": image.patient_id, "sha256": image.sha256,
                      "source": _rel(image.source, raw_dir), "width": image.width,
-                     "height": image.height, "format": image.format})
+                     "height": image.height, "format": image.format,
+                     "patient_group": image.patient_group})
     manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).sort_values("path",
                                                                                 ignore_index=True)
     check_disjoint(manifest)
     write_csv(out_dir / "manifest.csv", MANIFEST_COLUMNS,
               list(manifest.itertuples(index=False, name=None)))
     write_skipped(out_dir, skipped, raw_dir)
-    report = _report(manifest, skipped, links, pools, seed)
-    return DatasetBuild(manifest, skipped, links, report)
+    write_skipped(out_dir, excluded, raw_dir, EXCLUDED_FILE)
+    report = _report(manifest, skipped, excluded, links, usable, decoded.values(), seed)
+    return DatasetBuild(manifest, skipped, links, report, excluded)
 
 
-def _report(manifest: pd.DataFrame, skipped: list[Skip], links: Counter[str],
-            pools: dict[str, list[ImageRecord]], seed: int) -> dict[str, Any]:
-    """The ``metrics/copy_images.json`` payload: counts a reader can check at a glance."""
+def _report(manifest: pd.DataFrame, skipped: list[Skip], excluded: list[Skip],
+            links: Counter[str], pools: dict[str, int], decoded: Iterable[ImageRecord],
+            seed: int) -> dict[str, Any]:
+    """The ``metrics/copy_images.json`` payload: counts a reader can check at a glance.
+
+    ``pools``: usable, unique images per pool before any was left out; ``decoded``: every decoded
+    candidate, with its patient group."""
     images: dict[str, dict[str, int]] = {}
     patients: dict[str, dict[str, int]] = {}
     for (set_name, label), part in manifest.groupby(["set", "label"], sort=True):
@@ -410,17 +581,33 @@ def _report(manifest: pd.DataFrame, skipped: list[Skip], links: Counter[str],
             str(label): len(set(group["patient_id"]) & set(training["patient_id"]))
             for label, group in part.groupby("label", sort=True)}
     reasons = Counter(s.reason.split(":", 1)[0] for s in skipped)
+    left_out = Counter(s.reason.split(":", 1)[0] for s in excluded)
     return {
         "seed": seed,
         "images": images,
         "images_total": len(manifest),
         "patients": patients,
         "skipped": {"total": len(skipped), **dict(sorted(reasons.items()))},
+        "excluded": {"total": len(excluded),
+                     **{reason: left_out[reason] for reason in EXCLUDED_REASONS}},
+        "patient_groups": group_counts(decoded, manifest),
         "links": {"hardlink": links["hardlink"], "copy": links["copy"]},
-        "pools": {name: len(pool) for name, pool in pools.items()},
+        "pools": pools,
         "hash_overlap": 0,  # check_disjoint raised otherwise
         "patient_overlap_with_training": overlap,
     }
+
+
+def group_counts(decoded: Iterable[ImageRecord], manifest: pd.DataFrame) -> dict[str, int]:
+    """Patient groups that joined several patient ids (over every decoded candidate) and the
+    manifest images whose group is not their own patient id."""
+    patients_of: dict[str, set[str]] = defaultdict(set)
+    for image in decoded:
+        patients_of[image.patient_group].add(image.patient_id)
+    merged = {g: ids for g, ids in patients_of.items() if len(ids) > 1}
+    return {"merged": len(merged),
+            "patients_in_merged": sum(len(ids) for ids in merged.values()),
+            "images_regrouped": int((manifest["patient_group"] != manifest["patient_id"]).sum())}
 
 
 def external_files(name: str, folder: str, root: Path) -> pd.DataFrame:

@@ -357,7 +357,7 @@ def score_split(model: TrainedModel, split: pd.DataFrame, name: str = "test") ->
                             "`dvc repro`")
     return ScoredSet(is_covid=covid_labels(part["label"]),
                      scores=model.predictions.scores_at(where),
-                     patients=part["patient_id"].to_numpy(dtype=object))
+                     patients=part["patient_group"].to_numpy(dtype=object))
 
 
 def evaluate_model(paths: Paths, params: Params, model_name: str
@@ -483,7 +483,9 @@ def scored_sets(paths: Paths, manifest: pd.DataFrame,
     """
     out: dict[str, tuple[str, pd.DataFrame]] = {}
     for key, rows in heldout_groups(manifest).items():
-        rows = rows[["path", "label", "sha256", "patient_id"]].copy()
+        # the resampled unit: the patient group (a patient id plus ids sharing a picture with it)
+        rows = rows[["path", "label", "sha256", "patient_group"]].rename(
+            columns={"patient_group": "patient_id"})
         rows["path"] = [str(paths.datasets / p) for p in rows["path"]]
         out[key] = ("heldout", rows.reset_index(drop=True))
     for name, files in externals.items():

@@ -177,7 +177,26 @@ def data_lines(run: RunMetrics) -> list[str]:
     skipped = c.get("skipped", {}).get("total", 0) if isinstance(c.get("skipped"), dict) else 0
     lines.append(f"- Unreadable or duplicate files skipped (listed in data/datasets/skipped.csv): "
                  f"{skipped}.")
+    lines += disjoint_lines(c)
     return lines
+
+
+def disjoint_lines(copy_images: dict[str, Any]) -> list[str]:
+    """What copy_images did to keep sets disjoint: training images left out (per reason) and
+    patient groups merged because their patients share a picture."""
+    excluded = copy_images.get("excluded")
+    groups = copy_images.get("patient_groups")
+    if not isinstance(excluded, dict) or not isinstance(groups, dict):
+        return []
+    reasons = sorted(((n, r) for r, n in excluded.items() if r != "total" and n),
+                     key=lambda item: (-item[0], item[1]))
+    detail = f" ({', '.join(f'{n} {r}' for n, r in reasons)})" if reasons else ""
+    return [f"- Left out of training to keep sets disjoint (listed in "
+            f"data/datasets/excluded.csv): {excluded.get('total', 0)}{detail}.",
+            f"- Patient groups: {groups.get('merged', 0)} merged "
+            f"{groups.get('patients_in_merged', 0)} patient ids that share a picture "
+            f"({groups.get('images_regrouped', 0)} manifest rows regrouped); the split keeps "
+            "each group on one side."]
 
 
 def _save_figure(figure: plt.Figure, target: Path) -> None:

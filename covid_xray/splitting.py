@@ -1,9 +1,12 @@
 """Train / val / test lists per model, stratified by label and grouped by patient.
 
 The seed split images with ``train_test_split``, so one patient's films sat on both sides and the
-test score measured recognition of patients as much as of disease. Here whole patients are
+test score measured recognition of patients as much as of disease. Here whole patient groups are
 assigned, per class, with a seeded greedy fill that lands close to the requested share; the
 plain stratified image split is kept behind ``split.group_by_patient: false`` for comparison.
+A patient group (the manifest's ``patient_group``, from copy_images) is a patient id plus every
+patient id that shares a picture with it, so one picture published under two ids cannot sit on
+both sides either.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from covid_xray.errors import PipelineError
 from covid_xray.io import read_stage_csv, write_csv
 from covid_xray.params import SplitParams
 
-SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "sha256", "split")
+SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "sha256", "split",
+                                  "patient_group")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-_MANIFEST_COLUMNS = ("path", "set", "label", "patient_id", "sha256")
+GROUP = "patient_group"
+"""The unit the split keeps together (docs/contracts.md)."""
+_MANIFEST_COLUMNS = ("path", "set", "label", "patient_id", "sha256", GROUP)
 
 
 def read_manifest(path: Path, required: Sequence[str] = _MANIFEST_COLUMNS) -> pd.DataFrame:
@@ -34,7 +40,12 @@ def read_manifest(path: Path, required: Sequence[str] = _MANIFEST_COLUMNS) -> pd
     return read_stage_csv(path, required, "copy_images")
 
 
-READ_SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "sha256", "split")
+def read_excluded(path: Path) -> pd.DataFrame:
+    """copy_images' excluded.csv (``source, reason``): training images left out before the split."""
+    return read_stage_csv(path, ("source", "reason"), "copy_images")
+
+
+READ_SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "sha256", "split", "patient_group")
 
 
 def read_split(path: Path, model_name: str) -> pd.DataFrame:
@@ -105,21 +116,22 @@ def _too_few(model: str, label: str, images: int, patients: int, needed: int,
 
 def split_grouped(frame: pd.DataFrame, model: str, params: SplitParams,
                   seed: int) -> pd.Series:
-    """Per class: test patients (``test_size`` of the images), then val patients from the rest."""
+    """Per class: test patient groups (``test_size`` of the images), then val groups from the
+    rest."""
     split = pd.Series("train", index=frame.index, dtype=object)
     needed = 3 if params.val_size > 0 else 2
     for label, part in frame.groupby("label", sort=True):
-        sizes = part.groupby("patient_id").size().to_dict()
+        sizes = part.groupby(GROUP).size().to_dict()
         if len(sizes) < needed:
             raise _too_few(model, str(label), len(part), len(sizes), needed, True,
                            params.val_size)
         test = pick_groups(sizes, params.test_size, _rng(seed, f"{model}/{label}/test"),
                            min_left=needed - 1)
-        split[part.index[part["patient_id"].isin(test)]] = "test"
+        split[part.index[part[GROUP].isin(test)]] = "test"
         if params.val_size > 0:
             rest = {p: n for p, n in sizes.items() if p not in test}
             val = pick_groups(rest, params.val_size, _rng(seed, f"{model}/{label}/val"))
-            split[part.index[part["patient_id"].isin(val)]] = "val"
+            split[part.index[part[GROUP].isin(val)]] = "val"
     return split
 
 
@@ -165,11 +177,18 @@ def split_model(manifest: pd.DataFrame, model: str, params: SplitParams,
     return frame[list(SPLIT_COLUMNS)]
 
 
-def split_report(splits: dict[str, pd.DataFrame], params: SplitParams,
-                 seed: int) -> dict[str, Any]:
-    """``metrics/split.json``: images and patients per split and label, and overlap checks."""
+def split_report(splits: dict[str, pd.DataFrame], params: SplitParams, seed: int,
+                 excluded: pd.DataFrame | None = None) -> dict[str, Any]:
+    """``metrics/split.json``: images and patients per split and label, overlap checks, patient
+    groups merged by shared pictures, and the training images copy_images left out before the
+    split (``excluded``: its excluded.csv) per reason."""
     report: dict[str, Any] = {"seed": seed, "group_by_patient": params.group_by_patient,
                               "test_size": params.test_size, "val_size": params.val_size}
+    if excluded is not None:
+        reasons = excluded["reason"].str.split(":", n=1).str[0].value_counts()
+        report["excluded_before_split"] = {"total": len(excluded),
+                                           **{str(k): int(v) for k, v in
+                                              sorted(reasons.items())}}
     for model, frame in splits.items():
         images: dict[str, dict[str, int]] = {}
         patients: dict[str, dict[str, int]] = {}
@@ -181,13 +200,18 @@ def split_report(splits: dict[str, pd.DataFrame], params: SplitParams,
             patients[name] = {str(k): int(v) for k, v in
                               part.groupby("label")["patient_id"].nunique().items()}
         sides_per_patient = frame.groupby("patient_id")["split"].nunique()
+        sides_per_group = frame.groupby(GROUP)["split"].nunique()
         sides_per_image = frame.groupby("sha256")["split"].nunique()
+        ids_per_group = frame.groupby(GROUP)["patient_id"].nunique()
         report[model] = {
             "images": images,
             "patients": patients,
             "test_share": round(float((frame["split"] == "test").mean()), 4),
             "patient_overlap": int((sides_per_patient > 1).sum()),
+            "group_overlap": int((sides_per_group > 1).sum()),
             "image_overlap": int((sides_per_image > 1).sum()),
+            "groups_merged": int((ids_per_group > 1).sum()),
+            "images_regrouped": int((frame[GROUP] != frame["patient_id"]).sum()),
         }
     return report
 

@@ -1,6 +1,7 @@
 """Stage split: the manifest -> train/val/test lists per model, grouped by patient.
 
-Outputs: data/splits/<model>.csv and metrics/split.json.
+Reads data/datasets/manifest.csv (and excluded.csv, counted in the metric). Outputs:
+data/splits/<model>.csv and metrics/split.json.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from covid_xray.config import Paths
 from covid_xray.io import atomic_dir, run_stage, write_json
 from covid_xray.params import load_params
 from covid_xray.splitting import (
+    read_excluded,
     read_manifest,
     split_all,
     split_report,
@@ -27,7 +29,7 @@ def main() -> None:
     splits = split_all(read_manifest(paths.manifest), params.split, params.seed)
     with atomic_dir(paths.splits) as folder:
         write_splits(splits, folder)
-    report = split_report(splits, params.split, params.seed)
+    report = split_report(splits, params.split, params.seed, read_excluded(paths.excluded))
     write_json(paths.metrics / "split.json", report)
     log.info(split_summary(report))
 

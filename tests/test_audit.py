@@ -16,20 +16,22 @@ import yaml
 from pipeline_helpers import MANIFEST_HEADER, SPLIT_HEADER
 
 from covid_xray.audit import (
-    MIN_CORRELATION,
     AuditImage,
-    Fingerprint,
     Leak,
     collect_groups,
     disjoint_pairs,
     find_leaks,
+    run_audit,
+)
+from covid_xray.config import Paths
+from covid_xray.duplicates import (
+    MIN_CORRELATION,
+    Fingerprint,
     hamming,
     near_pairs,
     phash,
-    run_audit,
     signature,
 )
-from covid_xray.config import Paths
 from covid_xray.errors import PipelineError
 from covid_xray.imaging import load_image
 
@@ -69,9 +71,9 @@ class Tree:
         file = self.write_image(rel, image, quality)
         sha = hashlib.sha256(file.read_bytes()).hexdigest()
         self.manifest.append([rel, set_name, label, patient, sha, f"raw/{rel}",
-                              str(image.shape[1]), str(image.shape[0]), "jpeg"])
+                              str(image.shape[1]), str(image.shape[0]), "jpeg", patient])
         for model, part in (split or {}).items():
-            self.splits[model].append([rel, label, patient, sha, part])
+            self.splits[model].append([rel, label, patient, sha, part, patient])
         return file
 
     def save(self) -> None:

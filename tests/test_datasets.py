@@ -27,7 +27,7 @@ from covid_xray.datasets import (
 )
 from covid_xray.errors import PipelineError
 from covid_xray.metadata import OUTPUT_COLUMNS
-from covid_xray.params import CopyParams
+from covid_xray.params import AuditParams, CopyParams
 
 
 # ------------------------------------------------------------------------------------ builders
@@ -107,11 +107,12 @@ def make_tree(root: Path, covid_train: int = 5, covid_heldout: int = 2, normals:
 
 
 def build(root: Path, seed: int = 42, normal: int = 4, pneumonia: int = 4,
-          out: str = "datasets"):
+          out: str = "datasets", external: dict[str, Path] | None = None):
     out_dir = root / "data" / out
     out_dir.mkdir(parents=True)
     return build_datasets(root / "data" / "raw", root / "data" / "interim", out_dir, seed,
-                          CopyParams(heldout_normal=normal, heldout_pneumonia=pneumonia))
+                          CopyParams(heldout_normal=normal, heldout_pneumonia=pneumonia),
+                          max_distance=AuditParams().phash_max_distance, external=external)
 
 
 # --------------------------------------------------------------------------------- patient ids
@@ -272,6 +273,40 @@ def test_duplicates_are_removed_before_sampling(tmp_path: Path) -> None:
     manifest = result.manifest
     assert manifest["sha256"][manifest["set"] == "covid_normal"].is_unique
     assert not (manifest["source"] == "covid-chestxray-dataset/images/covid-1-0.jpg").any()
+    # covid-1's other film is the held-out patient covid-1000's too now: left out, with why
+    assert result.report["excluded"]["patient_in_heldout"] == 1
+    assert not (manifest["patient_id"] == "covid-1").any()
+    excluded = pd.read_csv(root / "data" / "datasets" / "excluded.csv")
+    assert excluded.to_dict("records") == [{
+        "source": "covid-chestxray-dataset/images/covid-1-1.png",
+        "reason": "patient_in_heldout: patient group covid-1 has heldout image "
+                  "covid-chestxray-dataset/images/covid-1000-0.jpg of patient covid-1000, linked "
+                  "to covid-1 by a shared picture"}]
+
+
+def test_a_picture_published_under_two_labels_trains_neither(tmp_path: Path) -> None:
+    """A COVID training film re-encoded into Kermany's train/NORMAL (and identical in PNEUMONIA):
+    one picture, two labels. Its group is left out of every training pool and held-out draw."""
+    root = make_tree(tmp_path)
+    raw = root / "data" / "raw"
+    covid = raw / "covid-chestxray-dataset" / "images" / "covid-2-0.jpg"
+    pixels = cv2.imread(str(covid), cv2.IMREAD_GRAYSCALE)
+    ok, data = cv2.imencode(".jpeg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 60])
+    assert ok
+    (raw / "chest_xray/train/NORMAL/IM-0901-0001.jpeg").write_bytes(data.tobytes())
+    shutil.copy(covid, raw / "chest_xray/train/PNEUMONIA/person901_virus_1.jpeg")
+    result = build(root)
+    excluded = pd.read_csv(root / "data" / "datasets" / "excluded.csv")
+    reasons = dict(zip(excluded["source"], excluded["reason"], strict=True))
+    assert reasons["covid-chestxray-dataset/images/covid-2-0.jpg"].startswith(
+        "conflicting_labels: patient group covid-2 also holds a normal image, "
+        "chest_xray/train/NORMAL/IM-0901-0001.jpeg")
+    assert reasons["chest_xray/train/NORMAL/IM-0901-0001.jpeg"].startswith(
+        "conflicting_labels: patient group covid-2 also holds a covid image")
+    assert result.report["excluded"]["conflicting_labels"] == 3  # covid-2's two films + the copy
+    assert result.report["skipped"]["duplicate"] == 1  # the identical PNEUMONIA copy
+    groups = set(result.manifest["patient_group"])
+    assert "covid-2" not in groups and "kermany-IM-0901" not in set(result.manifest["patient_id"])
 
 
 def test_disjointness_check_fires_on_a_planted_duplicate(tmp_path: Path) -> None:
@@ -334,7 +369,7 @@ def test_real_sample_is_too_small_to_balance_and_says_why(tmp_path: Path,
     (tmp_path / "out").mkdir()
     with pytest.raises(PipelineError, match=r"covid_normal needs \d+ normal images to balance"):
         build_datasets(xray_sample, tmp_path / "interim", tmp_path / "out", 42,
-                       CopyParams(heldout_normal=2, heldout_pneumonia=2))
+                       CopyParams(heldout_normal=2, heldout_pneumonia=2), max_distance=4)
 
 
 # ------------------------------------------------------------------------------- stage main
@@ -432,5 +467,5 @@ def test_all_covid_duplicates_still_write_skipped_csv(tmp_path: Path, repo_root:
     assert sorted(skipped["source"]) == sorted(
         f"covid-chestxray-dataset/images/{p.name}" for p in training)
     assert skipped["reason"].str.startswith("duplicate: same content as ").all()
-    assert sorted(p.name for p in listing.parent.iterdir()) == ["skipped.csv"]
+    assert sorted(p.name for p in listing.parent.iterdir()) == ["excluded.csv", "skipped.csv"]
     assert [p.name for p in (root / "data").iterdir() if p.name.startswith(".")] == []

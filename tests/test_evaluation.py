@@ -211,6 +211,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Paths]:
 def test_evaluate_writes_metrics_plots_and_reports(trained: Paths) -> None:
     from stages.evaluate import main
 
+    for model in MODEL_NAMES:  # copy_images merged pairs of test patients (shared pictures)
+        split = pd.read_csv(trained.split_file(model), dtype=str)
+        test = split.index[split["split"] == "test"]
+        split.loc[test[1::2], "patient_group"] = split.loc[test[0::2], "patient_group"].to_numpy()[
+            : len(test[1::2])]
+        split.to_csv(trained.split_file(model), index=False)
     main()
     first = (trained.metrics / "evaluate.json").read_text()
     results = json.loads(first)
@@ -227,7 +233,8 @@ def test_evaluate_writes_metrics_plots_and_reports(trained: Paths) -> None:
         assert m["roc_auc"] > 0.8 and m["accuracy"] > 0.7  # clearly above chance
         test_rows = split[split["split"] == "test"]
         assert m["bootstrap_unit"] == "patient"
-        assert m["bootstrap_units"] == test_rows["patient_id"].nunique()
+        assert m["bootstrap_units"] == test_rows["patient_group"].nunique() < test_rows[
+            "patient_id"].nunique()  # the group is the unit the split kept together
         confusion = pd.read_csv(trained.plots / "evaluate" / f"{model}_confusion.csv")
         assert list(confusion.columns) == ["actual", "predicted"]
         assert len(confusion) == m["n_test"]

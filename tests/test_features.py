@@ -88,7 +88,7 @@ def make_project(root: Path, n_train: int = 24, n_heldout: int = 4, n_external: 
         rel = f"{set_name}/{label}/{name}.png"
         sha = _write(datasets / rel, image)
         manifest.append([rel, set_name, label, f"p-{name}", sha, f"raw/{name}.png",
-                         image.shape[1], image.shape[0], "png"])
+                         image.shape[1], image.shape[0], "png", f"p-{name}"])
         return sha
 
     covid = [synthetic_xray("covid", rng) for _ in range(n_train)]
@@ -101,7 +101,7 @@ def make_project(root: Path, n_train: int = 24, n_heldout: int = 4, n_external: 
                 sha = add(model, label, name, image)
                 side = "test" if i % 5 == 0 else "val" if i % 5 == 1 else "train"
                 splits[model].append([f"{model}/{label}/{name}.png", label, f"p-{name}", sha,
-                                      side])
+                                      side, f"p-{name}"])
     for set_name, labels in (("heldout", ("covid", "normal", "pneumonia")),
                              ("kermany_test", ("normal", "pneumonia"))):
         for label in labels:

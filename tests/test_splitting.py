@@ -38,7 +38,8 @@ def manifest(covid_patients: int = 40, normal_patients: int = 60, seed: int = 0)
             for k in range(int(rng.integers(1, most + 1))):
                 rows.append({"path": f"covid_normal/{label}/{label}-{p}-{k}.jpeg",
                              "set": "covid_normal", "label": label,
-                             "patient_id": f"{label}-{p}", "sha256": f"{label}{p:04d}{k}"})
+                             "patient_id": f"{label}-{p}", "sha256": f"{label}{p:04d}{k}",
+                             "patient_group": f"{label}-{p}"})
     frame = pd.DataFrame(rows)
     other = frame.assign(set="heldout")  # rows of other sets are ignored
     return pd.concat([frame, other], ignore_index=True)
@@ -78,6 +79,23 @@ def test_grouped_split_has_no_patient_overlap_and_keeps_class_ratios() -> None:
     assert max(covid_share.values()) - min(covid_share.values()) < 0.06
     assert result.equals(split_model(rows, "covid_normal", GROUPED, seed=42))
     assert not result["split"].equals(split_model(rows, "covid_normal", GROUPED, 7)["split"])
+
+
+def test_a_merged_patient_group_stays_on_one_side_and_is_counted() -> None:
+    """copy_images merged covid-0..covid-5 (they share pictures): one unit for the split."""
+    rows = manifest()
+    merged = rows["patient_id"].isin([f"covid-{p}" for p in range(6)])
+    rows.loc[merged, "patient_group"] = "covid-0"
+    for seed in range(5):
+        result = split_model(rows, "covid_normal", GROUPED, seed=seed)
+        assert result.loc[result["patient_group"] == "covid-0", "split"].nunique() == 1
+        assert set(result.loc[result["patient_group"] == "covid-0", "patient_id"]) == {
+            f"covid-{p}" for p in range(6)}
+    report = split_report({"covid_normal": result}, GROUPED, 0)["covid_normal"]
+    regrouped = int((merged & (rows["set"] == "covid_normal")
+                     & (rows["patient_id"] != "covid-0")).sum())
+    assert report["groups_merged"] == 1 and report["images_regrouped"] == regrouped > 0
+    assert report["group_overlap"] == 0 and report["patient_overlap"] == 0
 
 
 def test_val_size_zero_gives_train_and_test_only() -> None:
@@ -178,7 +196,9 @@ def _check_outputs(root: Path, metrics: dict[str, dict]) -> None:
             assert (datasets / path).is_file()
     selected = pd.read_csv(root / "data" / "interim" / "covid_selected.csv", dtype=str)
     skipped = set(pd.read_csv(datasets / "skipped.csv", dtype=str)["source"])
-    expected = {f"covid-chestxray-dataset/{p}" for p in selected["image_path"]} - skipped
+    excluded = set(pd.read_csv(datasets / "excluded.csv", dtype=str)["source"])
+    expected = ({f"covid-chestxray-dataset/{p}" for p in selected["image_path"]} - skipped
+                - excluded)
     covid_train = full[(full["set"] == "covid_normal") & (full["label"] == "covid")]
     assert set(covid_train["source"]) == expected
     assert len(selected) == metrics["selection"]["rows_selected"]
@@ -200,7 +220,10 @@ def test_three_stages_end_to_end_on_a_fixture_tree(tmp_path: Path, repo_root: Pa
     _params(repo_root, tmp_path, heldout=3)
     metrics = _run_stages(tmp_path, monkeypatch)
     assert (metrics["selection"]["rows_selected"], metrics["selection"]["rows_heldout"]) == (21, 8)
-    assert metrics["copy_images"]["images"]["covid_pneumonia"] == {"covid": 21, "pneumonia": 21}
+    # one patient is dated on both sides of select.heldout_from: its training image is left out
+    assert metrics["copy_images"]["images"]["covid_pneumonia"] == {"covid": 20, "pneumonia": 20}
+    assert metrics["copy_images"]["excluded"]["patient_in_heldout"] == 1
+    assert metrics["split"]["excluded_before_split"] == {"total": 1, "patient_in_heldout": 1}
     assert metrics["copy_images"]["links"]["copy"] == 0
     _check_outputs(tmp_path, metrics)
 
