@@ -413,6 +413,11 @@ def _reason_counts(skips: Sequence[Skip]) -> str:
 
 EXCLUDED_FILE = "excluded.csv"
 """Usable training images left out so that sets stay disjoint (same columns as skipped.csv)."""
+POOL_FILE = "kermany_pool.csv"
+"""Every usable, unique Kermany ``chest_xray/train`` image whose patient group holds no held-out
+or Kermany-test image and that is no external picture: what a network may learn NORMAL vs
+PNEUMONIA from (the ``pretrain`` stage, which also leaves out the models' val/test patients)."""
+POOL_COLUMNS: tuple[str, ...] = ("source", "label", "patient_id", "patient_group", "sha256")
 
 
 def write_skipped(folder: Path, skipped: Sequence[Skip], raw_dir: Path,
@@ -507,6 +512,7 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
                  params.max_per_class, params.max_per_class, len(covid_train))
         covid_train = draw_images(covid_train, params.max_per_class, seed, "train/covid")
     wanted = len(covid_train)
+    clear: list[ImageRecord] = []  # Kermany train images clear of every evaluation set
     plan: dict[tuple[str, str], list[ImageRecord]] = {
         ("heldout", POSITIVE_CLASS): pools["covid_heldout"],
         ("kermany_test", "normal"): pools["kermany_test_normal"],
@@ -536,6 +542,7 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
                 "data.demo.kermany_train)", skipped, raw_dir, excluded)
         plan[("heldout", label)] = held
         plan[(model, label)] = draw_images(remaining, wanted, seed, f"train/{model}/{label}")
+        clear.extend(remaining)
 
     links: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
@@ -557,6 +564,9 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
               list(manifest.itertuples(index=False, name=None)))
     write_skipped(out_dir, skipped, raw_dir)
     write_skipped(out_dir, excluded, raw_dir, EXCLUDED_FILE)
+    write_csv(out_dir / POOL_FILE, POOL_COLUMNS, sorted(
+        (_rel(i.source, raw_dir), i.label, i.patient_id, i.patient_group, i.sha256)
+        for i in clear))
     report = _report(manifest, skipped, excluded, links, usable, decoded.values(), seed)
     return DatasetBuild(manifest, skipped, links, report, excluded)
 

@@ -16,6 +16,8 @@ import pytest
 
 from covid_xray.datasets import (
     MANIFEST_COLUMNS,
+    POOL_COLUMNS,
+    POOL_FILE,
     Candidate,
     ImageRecord,
     Skip,
@@ -191,6 +193,39 @@ def test_balanced_folders_heldout_sets_and_manifest(tmp_path: Path) -> None:
     assert report["skipped"] == {"total": 0}
     assert report["patient_overlap_with_training"]["heldout"]["normal"] == 0
     json.dumps(report)
+
+
+def test_kermany_pool_holds_only_images_clear_of_every_evaluation_set(tmp_path: Path) -> None:
+    """kermany_pool.csv (what the pretrain may learn from): Kermany train images whose patient
+    group has no held-out or test image. 3 held-out PNEUMONIA images of 2-image patients: one
+    patient is only half drawn, and its other image must not be in the pool either."""
+    root = make_tree(tmp_path)
+    make_kermany(root / "data" / "raw", "test", 0, 1, first_id=3)  # person3 in train AND test
+    result = build(root, normal=4, pneumonia=3)
+    out = root / "data" / "datasets"
+    pool = pd.read_csv(out / POOL_FILE, dtype=str, keep_default_na=False)
+    assert list(pool.columns) == list(POOL_COLUMNS)
+    assert pool["source"].str.startswith("chest_xray/train/").all()
+    manifest = result.manifest
+    evaluation = manifest[manifest["set"].isin(["heldout", "kermany_test"])]
+    assert not set(pool["patient_group"]) & set(evaluation["patient_group"])
+    assert not set(pool["patient_id"]) & set(evaluation["patient_id"])
+    held = manifest[(manifest["set"] == "heldout") & (manifest["label"] == "pneumonia")]
+    half_drawn = held.groupby("patient_group").size()
+    assert (half_drawn == 1).any()  # the case this test is about
+    excluded = pd.read_csv(out / "excluded.csv", dtype=str, keep_default_na=False)
+    assert "kermany-person3" in " ".join(excluded["reason"])  # left out, not in the pool
+    assert not set(pool["source"]) & set(excluded["source"])
+    training = manifest[manifest["set"].isin(["covid_normal", "covid_pneumonia"])
+                        & (manifest["label"] != "covid")]
+    assert set(training["sha256"]) <= set(pool["sha256"])  # the models' negatives are in it
+    every = {p.relative_to(root / "data" / "raw").as_posix()
+             for p in (root / "data" / "raw" / "chest_xray" / "train").rglob("*.jpeg")}
+    listed = set(pool["source"]) | set(excluded["source"]) | set(
+        manifest.loc[manifest["set"] == "heldout", "source"])
+    unlisted = every - listed  # only the rest of the half-drawn patient's images
+    assert unlisted and {kermany_patient_id(s) for s in unlisted} <= set(
+        half_drawn[half_drawn == 1].index)
 
 
 def test_hard_links_are_used(tmp_path: Path) -> None:
