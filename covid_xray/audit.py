@@ -6,7 +6,10 @@ of image groups that must be disjoint:
 
 - within each model: ``train`` vs ``val``, ``train`` vs ``test`` and ``val`` vs ``test``;
 - each model's ``train`` vs every held-out group (``heldout/<label>``, ``kermany_test/<label>``)
-  and every external folder (``external/<name>``).
+  and every external folder (``external/<name>``);
+- with ``model.weights: xray``, the images the pretrain stage learns from (``pretrain/<label>``,
+  :mod:`covid_xray.pretrain_data`) vs every held-out group, external folder and both models'
+  ``val`` and ``test`` splits (the models' training images are training data for it too).
 
 Two models' training sets legitimately share the COVID images, so groups of different models are
 never compared with each other.
@@ -50,6 +53,8 @@ SPLIT_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "sha256", "spli
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "set", "label", "patient_id", "sha256")
 HELDOUT_SETS: tuple[str, ...] = ("heldout", "kermany_test")
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+PRETRAIN = "pretrain"
+"""Group prefix of the pretrain stage's images (``pretrain/normal``, ``pretrain/pneumonia``)."""
 
 
 @dataclass(frozen=True)
@@ -210,13 +215,28 @@ def external_group(name: str, folder: Path, root: Path) -> list[AuditImage]:
             for f in external_image_files(folder)]
 
 
+def pretrain_groups(images: Iterable[tuple[str, Path, str]], root: Path
+                    ) -> dict[str, list[AuditImage]]:
+    """``pretrain/<label>`` from ``(label, file, patient_id)`` of the pretrain's images
+    (:func:`covid_xray.pretrain_data.select_images`)."""
+    groups: dict[str, list[AuditImage]] = defaultdict(list)
+    for label, file, patient_id in images:
+        group = f"{PRETRAIN}/{label}"
+        groups[group].append(AuditImage(group=group, path=display_path(file, root), file=file,
+                                        patient_id=patient_id))
+    return dict(groups)
+
+
 def collect_groups(paths: Paths, external: Mapping[str, str],
-                   models: Sequence[str] = MODEL_NAMES) -> dict[str, list[AuditImage]]:
-    """All groups of a pipeline run: each model's splits, the held-out sets, existing externals."""
+                   models: Sequence[str] = MODEL_NAMES,
+                   pretrain: Iterable[tuple[str, Path, str]] = ()) -> dict[str, list[AuditImage]]:
+    """All groups of a pipeline run: each model's splits, the held-out sets, existing externals,
+    and the pretrain's images (``(label, file, patient_id)``, when it runs)."""
     groups: dict[str, list[AuditImage]] = {}
     for model in models:
         groups.update(split_groups(paths.split_file(model), model, paths.datasets, paths.root))
     groups.update(heldout_groups(paths.manifest, paths.datasets, paths.root))
+    groups.update(pretrain_groups(pretrain, paths.root))
     for name, folder in sorted(external.items()):
         location = resolve_path(folder, paths.root)
         if location.is_dir():
@@ -238,6 +258,9 @@ def disjoint_pairs(groups: Iterable[str], models: Sequence[str] = MODEL_NAMES
         pairs += [(a, b) for a, b in within if a in names and b in names]
         if train in names:
             pairs += [(train, other) for other in outside]
+    held = [f"{model}/{s}" for model in models for s in ("val", "test")]
+    for group in sorted(n for n in names if n.split("/", 1)[0] == PRETRAIN):
+        pairs += [(group, other) for other in [*outside, *held] if other in names]
     return pairs
 
 

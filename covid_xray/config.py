@@ -53,6 +53,7 @@ class Paths:
         self.features = self.data / "features"
         self.predictions = self.data / "predictions"
         self.models = self.root / "models"
+        self.pretrain = self.models / "pretrain"
         self.metrics = self.root / "metrics"
         self.plots = self.root / "plots"
         self.reports = self.root / "reports"
@@ -73,6 +74,16 @@ class Paths:
     def excluded(self) -> Path:
         """Training images copy_images left out to keep sets disjoint (docs/contracts.md)."""
         return self.datasets / "excluded.csv"
+
+    @property
+    def kermany_pool(self) -> Path:
+        """Kermany train images clear of every evaluation set (copy_images; docs/contracts.md)."""
+        return self.datasets / "kermany_pool.csv"
+
+    @property
+    def pretrain_metrics(self) -> Path:
+        """The pretrain stage's dvclive folder (``metrics.json`` + ``plots/``)."""
+        return self.metrics / "pretrain"
 
     def split_file(self, model_name: str) -> Path:
         return self.splits / f"{model_name}.csv"

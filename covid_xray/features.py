@@ -44,8 +44,9 @@ from covid_xray.io import (
     write_csv,
     write_json,
 )
-from covid_xray.modeling import build_backbone
+from covid_xray.modeling import build_backbone, pretrained_backbone
 from covid_xray.params import Params
+from covid_xray.pretrain_data import WEIGHTS_FILE, pretrain_info
 from covid_xray.tf_runtime import keras, tf
 
 log = logging.getLogger("covid_xray.features")
@@ -337,8 +338,7 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
                      params.seed)
     if plan.empty:
         raise PipelineError(f"{paths.manifest}: no images listed; re-run copy_images")
-    backbone = build_backbone(params.model.backbone, params.model.img_size, params.model.weights,
-                              seed=params.seed)
+    backbone, pretrained = feature_backbone(paths, params)
     with atomic_dir(paths.features) as folder:
         save_weights_reproducibly(backbone, folder / BACKBONE_WEIGHTS_FILE)
         result = compute_features(plan, paths.datasets, backbone, folder / FEATURES_FILE,
@@ -350,8 +350,9 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
         write_csv(folder / INDEX_FILE, INDEX_COLUMNS,
                   list(result.index[list(INDEX_COLUMNS)].itertuples(index=False, name=None)))
         info = {
-            "backbone": params.model.backbone,
+            "backbone": params.backbone,
             "weights": params.model.weights,
+            **({"pretrain": pretrained} if pretrained else {}),
             "img_size": params.model.img_size,
             "feature_shape": list(result.feature_shape),
             "augment_copies": params.featurize.augment_copies,
@@ -367,6 +368,30 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
         write_json(folder / INFO_FILE, info)
     return {**info, "seconds": round(result.seconds, 3),
             "images_per_s": round(result.rows_per_s, 3)}
+
+
+def feature_backbone(paths: Paths, params: Params) -> tuple[keras.Model, dict[str, Any]]:
+    """The frozen backbone params ask for, and (``model.weights: xray``) how it was pretrained.
+
+    ``xray`` loads the pretrain stage's weights into ``pretrain.architecture``; the summary of
+    its info.json travels on to the sidecars and model cards.
+    """
+    if not params.uses_pretrain:
+        return build_backbone(params.model.backbone, params.model.img_size, params.model.weights,
+                              seed=params.seed), {}
+    info = pretrain_info(paths.pretrain)
+    if not info.get("used") or info.get("architecture") != params.backbone:
+        raise PipelineError(f"{paths.pretrain}: holds no pretrained {params.backbone} backbone "
+                            f"(info.json: used={info.get('used')}, architecture="
+                            f"{info.get('architecture')}); run the pretrain stage with "
+                            "model.weights=xray first (`dvc repro`)")
+    backbone = pretrained_backbone(params.backbone, params.model.img_size,
+                                   paths.pretrain / WEIGHTS_FILE, seed=params.seed)
+    summary = {key: info[key] for key in ("architecture", "params", "task", "kermany_test",
+                                          "kermany_test_at_model_size", "weights_sha256")}
+    summary["images"] = {key: info["images"][key] for key in ("train", "val", "pool",
+                                                              "not_drawn", "left_out")}
+    return backbone, summary
 
 
 def featurize_metrics(report: dict[str, Any]) -> dict[str, Any]:
@@ -419,7 +444,7 @@ class FeatureStore:
 
     def check_matches(self, params: Params) -> None:
         """Refuse features computed with another backbone/size than params say (stale cache)."""
-        expected = {"backbone": params.model.backbone, "weights": params.model.weights,
+        expected = {"backbone": params.backbone, "weights": params.model.weights,
                     "img_size": params.model.img_size}
         found = {key: self.info.get(key) for key in expected}
         if found != expected:

@@ -44,9 +44,14 @@ from covid_xray.config import resolve_path
 from covid_xray.errors import ParamsError
 from covid_xray.io import write_text
 
-Backbone = Literal["vgg16", "mobilenetv2"]
+Backbone = Literal["vgg16", "mobilenetv2", "smallcnn"]
+PretrainInit = Literal["none", "imagenet"]
 ThresholdRule = Literal["youden", "target_sensitivity", "argmax"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)
+IMAGENET_BACKBONES: tuple[str, ...] = ("vgg16", "mobilenetv2")
+"""Backbones Keras publishes ImageNet weights for (``smallcnn`` is this project's own)."""
+XRAY = "xray"
+"""``model.weights: xray``: the backbone the ``pretrain`` stage trained on chest X-rays."""
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 
 # YAML's 3 is a whole number, but 3.0, "3" and true are refused (strict); a number takes 3 or 0.3.
@@ -176,9 +181,12 @@ class SplitParams(_Section):
 
 @dataclass(config=_CONFIG)
 class ModelParams(_Section):
-    backbone: Backbone = Field("vgg16", description="frozen backbone without its top")
+    backbone: Backbone = Field("vgg16", description=(
+        "frozen backbone without its top (`smallcnn`: the small CNN of covid_xray/modeling.py, "
+        "no ImageNet weights); with weights `xray` the backbone is `pretrain.architecture`"))
     weights: StrictStr = Field("none", description=(
-        "`imagenet` (downloaded by Keras), `none` (seeded random) or a weights file path"))
+        "`imagenet` (downloaded by Keras), `none` (seeded random), `xray` (trained on Kermany "
+        "NORMAL vs PNEUMONIA by the `pretrain` stage) or a weights file path"))
     img_size: Whole = Field(224, ge=32, le=1024, description="input size in pixels")
     pool_size: Whole = Field(4, ge=1, le=32, description=(
         "AveragePooling2D window on the backbone's feature map (at most img_size / 32)"))
@@ -193,14 +201,20 @@ class ModelParams(_Section):
     @field_validator("weights")
     @classmethod
     def _weights_exist(cls, value: str, info: ValidationInfo) -> str:
-        if value.lower() in ("imagenet", "none"):
+        if value.lower() in ("imagenet", "none", XRAY):
+            if value.lower() == "imagenet" and info.data.get("backbone") not in (
+                    None, *IMAGENET_BACKBONES):
+                raise ValueError(
+                    f"is 'imagenet', but there are no ImageNet weights for backbone "
+                    f"{info.data['backbone']!r}; use {' or '.join(IMAGENET_BACKBONES)}, or weights "
+                    "`none` or `xray`")
             return value.lower()
         path = resolve_path(value, _root(info))
         if not value.strip() or not path.is_file():
             raise ValueError(
                 f"is {value!r}: no such file ({path}). Use `imagenet` (needs internet or a "
-                "pre-placed file in ~/.keras/models), `none` (random frozen backbone), or the path "
-                "to a local weights file.")
+                "pre-placed file in ~/.keras/models), `none` (random frozen backbone), `xray` "
+                "(the pretrain stage's chest X-ray backbone), or the path to a local weights file.")
         return value
 
     @field_validator("pool_size")
@@ -283,6 +297,46 @@ class ProbeParams(_Section):
 
 
 @dataclass(config=_CONFIG)
+class PretrainParams(_Section):
+    architecture: Backbone = Field("smallcnn", description=(
+        "network the `pretrain` stage trains on Kermany NORMAL vs PNEUMONIA, and the "
+        "classifiers' frozen backbone when model.weights is `xray` (unused otherwise)"))
+    init: PretrainInit = Field("none", description=(
+        "starting weights: `none` (seeded random) or `imagenet` (then adapted to chest X-rays: "
+        "needs internet or the cached Keras file)"))
+    img_size: Whole = Field(128, ge=32, le=1024, description=(
+        "input size of the pretraining in pixels"))
+    epochs: Whole = Field(15, ge=1, le=10_000, description="pretraining epochs")
+    init_lr: Number = Field(1e-3, gt=0, le=10, description="Adam learning rate")
+    batch_size: Whole = Field(32, ge=1, le=65_536, description="batch size")
+    rotation_deg: Number = Field(10.0, ge=0, le=180, description=(
+        "random rotation range in degrees, drawn per image and epoch"))
+    flip: StrictBool = Field(False, description=(
+        "random left-right flips (off: a mirrored chest puts the heart on the wrong side)"))
+    max_per_class: Whole = Field(1000, ge=0, le=1_000_000, description=(
+        "cap on NORMAL and on PNEUMONIA images (0: all allowed images); bounds the cost"))
+    val_size: Number = Field(0.1, ge=0, lt=1, description=(
+        "share of the pretraining patients kept aside for the per-epoch eval curves"))
+    seed: Whole = Field(42, ge=0, description="image draw, weight initialisation, shuffling")
+
+    @field_validator("architecture", "init", mode="before")
+    @classmethod
+    def _case(cls, value: Any) -> Any:
+        return _lower(value)
+
+    @field_validator("init")
+    @classmethod
+    def _imagenet_exists(cls, value: str, info: ValidationInfo) -> str:
+        architecture = info.data.get("architecture")
+        if value == "imagenet" and architecture not in (None, *IMAGENET_BACKBONES):
+            raise ValueError(
+                f"is 'imagenet', but there are no ImageNet weights for architecture "
+                f"{architecture!r}; use init `none`, or architecture "
+                f"{' or '.join(IMAGENET_BACKBONES)}")
+        return value
+
+
+@dataclass(config=_CONFIG)
 class Params:
     """Every section of params.yaml, in its order."""
 
@@ -298,11 +352,23 @@ class Params:
     validate: ValidateParams = Field(default_factory=ValidateParams)
     audit: AuditParams = Field(default_factory=AuditParams)
     probe: ProbeParams = Field(default_factory=ProbeParams)
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
 
     @property
     def seed(self) -> int:
         """``base.seed``: the data-side seed."""
         return self.base.seed
+
+    @property
+    def uses_pretrain(self) -> bool:
+        """``model.weights: xray``: featurize uses the ``pretrain`` stage's backbone."""
+        return self.model.weights == XRAY
+
+    @property
+    def backbone(self) -> str:
+        """The classifiers' backbone architecture: ``pretrain.architecture`` when the weights
+        are ``xray`` (the network the pretrain trained), else ``model.backbone``."""
+        return self.pretrain.architecture if self.uses_pretrain else self.model.backbone
 
 
 _ADAPTER = TypeAdapter(Params)

@@ -303,6 +303,28 @@ LIMITATIONS = [
 ]
 
 
+def pretrain_lines(pretrain: dict[str, Any] | None) -> list[str]:
+    """How an ``xray`` backbone was trained (the sidecar's ``params.pretrain``), for the card."""
+    if not pretrain:
+        return []
+    settings, images = pretrain["params"], pretrain["images"]
+    test, at_size = pretrain["kermany_test"], pretrain["kermany_test_at_model_size"]
+    return [
+        f"- Backbone pretrained by this pipeline's `pretrain` stage: {pretrain['architecture']} "
+        f"from `{settings['init']}` weights, trained end to end on {pretrain['task']} "
+        f"({images['train']['normal']} NORMAL + {images['train']['pneumonia']} PNEUMONIA "
+        f"images, {images['val']['normal'] + images['val']['pneumonia']} more for its eval "
+        f"curves), {settings['epochs']} epochs at {settings['img_size']} px, seed "
+        f"{settings['seed']}; {images['left_out']['total']} Kermany training images of "
+        "held-out, Kermany-test, val or test patients left out.",
+        f"- Pretrain check on Kermany's test folder (NORMAL vs PNEUMONIA, {test['n']} images): "
+        f"ROC AUC {fmt(test['roc_auc'])} [{fmt(test['roc_auc_ci_low'])}, "
+        f"{fmt(test['roc_auc_ci_high'])}]; {fmt(at_size['roc_auc'])} at this model's input "
+        f"size ({at_size['img_size']} px). It has seen children's X-rays from one hospital, "
+        "never COVID-19.",
+    ]
+
+
 def render_model_card(run: RunMetrics, model: str) -> str:
     info = run.models.get(model, {})
     params = info.get("params", {})
@@ -314,6 +336,7 @@ def render_model_card(run: RunMetrics, model: str) -> str:
            f"{info.get('backbone')} backbone + trained head), sidecar `models/{model}.json`.",
            f"- Backbone weights: `{info.get('weights')}`; input {info.get('img_size')} x "
            f"{info.get('img_size')} RGB scaled to [0, 1] ({info.get('preprocessing')}).",
+           *pretrain_lines(params.get("pretrain")),
            f"- Classes (output order): {', '.join(info.get('class_names', []))}; positive class "
            f"`{info.get('positive_class')}`.",
            f"- Operating threshold on the COVID probability: {fmt(info.get('threshold'), 4)}.",

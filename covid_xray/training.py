@@ -177,16 +177,19 @@ def git_revision(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def relevant_params(params: Params) -> dict[str, Any]:
-    """The params a model depends on, stored in its sidecar for provenance."""
+def relevant_params(params: Params, store: FeatureStore | None = None) -> dict[str, Any]:
+    """The params a model depends on, stored in its sidecar for provenance (with
+    ``model.weights: xray``, also how the backbone was pretrained: featurize's record of it)."""
+    pretrained = store.info.get("pretrain") if store is not None else None
     return {"seed": params.seed, "model": asdict(params.model),
             "featurize": asdict(params.featurize), "train": asdict(params.train),
-            "threshold": asdict(params.threshold)}
+            "threshold": asdict(params.threshold),
+            **({"pretrain": pretrained} if pretrained else {})}
 
 
 def load_backbone(store: FeatureStore, params: Params) -> keras.Model:
     """Rebuild the featurize backbone with the exact weights its features came from."""
-    backbone = build_backbone(params.model.backbone, params.model.img_size, "none",
+    backbone = build_backbone(params.backbone, params.model.img_size, "none",
                               seed=params.seed)
     backbone.load_weights(store.backbone_weights)
     return backbone
@@ -309,9 +312,9 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
     info = ModelInfo(
         model_name=model_name, class_names=names,
         positive_class=POSITIVE_CLASS, img_size=params.model.img_size,
-        backbone=params.model.backbone, weights=params.model.weights,
+        backbone=params.backbone, weights=params.model.weights,
         threshold=choice.threshold, revision=git_revision(paths.root),
-        params={**relevant_params(params), "threshold_choice": asdict(choice)},
+        params={**relevant_params(params, store), "threshold_choice": asdict(choice)},
         ood=ood,
     )
     model_path = paths.model_file(model_name)

@@ -1,7 +1,8 @@
 """Stage audit: no patient, file or near-copy shared by sets that must be disjoint.
 
 Reads data/splits/<model>.csv, data/datasets/manifest.csv (held-out sets) and the external folders
-of ``validate.external`` that exist; writes metrics/audit.json, data/audit/leaks.csv (every leak)
+of ``validate.external`` that exist (and, with ``model.weights: xray``, the pretrain stage's
+images); writes metrics/audit.json, data/audit/leaks.csv (every leak)
 and data/audit/pairs.csv (every pair checked), then, with ``audit.fail_on_leak``, stops the
 pipeline when anything leaked (the files are written first, so the full list can be read).
 """
@@ -9,6 +10,9 @@ pipeline when anything leaked (the files are written first, so the full list can
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+
+import pandas as pd
 
 from covid_xray.audit import (
     LEAKS_HEADER,
@@ -22,6 +26,7 @@ from covid_xray.config import Paths
 from covid_xray.errors import PipelineError
 from covid_xray.io import run_stage, write_csv, write_json
 from covid_xray.params import load_params
+from covid_xray.pretrain_data import select_images
 
 log = logging.getLogger("covid_xray.stages.audit")
 
@@ -29,7 +34,10 @@ log = logging.getLogger("covid_xray.stages.audit")
 def main() -> None:
     params = load_params()
     paths = Paths()
-    groups = collect_groups(paths, params.validate.external)
+    pretrain = (select_images(paths, params.pretrain).chosen if params.uses_pretrain
+                else pd.DataFrame(columns=["label", "file", "patient_id"]))
+    groups = collect_groups(paths, params.validate.external, pretrain=zip(
+        pretrain["label"], map(Path, pretrain["file"]), pretrain["patient_id"], strict=True))
     result = run_audit(groups, max_distance=params.audit.phash_max_distance)
 
     leaks_csv = audit_dir(paths) / "leaks.csv"

@@ -86,9 +86,9 @@ class Tree:
                 writer.writerows(rows)
 
 
-def clean_tree(root: Path) -> Tree:
+def clean_tree(root: Path, tree: Tree | None = None) -> Tree:
     """Two models sharing COVID training images (legitimately); splits, held-out sets disjoint."""
-    tree = Tree(root)
+    tree = tree or Tree(root)
     for p in range(8):
         part = "train" if p < 5 else ("val" if p == 5 else "test")
         for k in range(2):

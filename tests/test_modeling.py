@@ -24,6 +24,7 @@ from covid_xray.modeling import (
     build_backbone,
     build_head,
     pooled_features,
+    pretrained_backbone,
     save_classifier,
 )
 from covid_xray.ood import fit_ood_stats
@@ -72,6 +73,35 @@ def test_random_backbone_is_seeded() -> None:
 
 def test_mobilenetv2_is_accepted(tmp_path: Path) -> None:
     assert Classifier.load(_tiny_classifier(tmp_path, "mobilenetv2")).info.backbone == "mobilenetv2"
+
+
+def test_smallcnn_is_a_backbone_like_the_others(tmp_path: Path) -> None:
+    """The pretrain's small CNN: frozen, 1/32 feature map, saved and served like VGG16, with a
+    last conv map for Grad-CAM; no ImageNet weights to ask for."""
+    from covid_xray.gradcam import gradcam_heatmap
+
+    backbone = build_backbone("smallcnn", 64, "none", seed=1)
+    assert backbone.output_shape == (None, 2, 2, 256) and not backbone.trainable_weights
+    loaded = Classifier.load(_tiny_classifier(tmp_path, "smallcnn"))
+    assert loaded.info.backbone == "smallcnn"
+    image = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
+    assert gradcam_heatmap(loaded, image).shape == (32, 32)
+    with pytest.raises(PipelineError, match="no ImageNet weights for the smallcnn"):
+        build_backbone("smallcnn", 32, "imagenet", seed=0)
+
+
+def test_pretrained_weights_load_at_another_input_size(tmp_path: Path) -> None:
+    """The pretrain trains at pretrain.img_size; featurize runs the same weights at
+    model.img_size (convolutions have no size), and a mismatched file names itself."""
+    source = build_backbone("smallcnn", 64, "none", seed=3)
+    weights = tmp_path / "backbone.weights.h5"
+    source.save_weights(weights)
+    at_32 = pretrained_backbone("smallcnn", 32, weights, seed=99)
+    assert at_32.input_shape == (None, 32, 32, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(at_32.get_weights(), source.get_weights(),
+                                                    strict=True))
+    with pytest.raises(PipelineError, match=r"backbone\.weights\.h5: cannot load into a vgg16"):
+        pretrained_backbone("vgg16", 32, weights, seed=0)
 
 
 def test_local_weights_file_is_loaded(tmp_path: Path) -> None:

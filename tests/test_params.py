@@ -56,6 +56,11 @@ def test_repository_params_are_valid_and_match_the_seed(repo_root: Path) -> None
         ({"threshold": {"rule": "vibes"}}, "threshold.rule"),
         ({"validate": {"external": ["a"]}}, "validate.external"),
         ({"select": {"views": []}}, "select.views"),
+        ({"model": {"backbone": "smallcnn", "weights": "imagenet"}}, "model.weights"),
+        ({"pretrain": {"architecture": "resnet"}}, "pretrain.architecture"),
+        ({"pretrain": {"init": "imagenet"}}, "pretrain.init"),  # no ImageNet smallcnn
+        ({"pretrain": {"epochs": 0}}, "pretrain.epochs"),
+        ({"pretrain": {"val_size": 1.0}}, "pretrain.val_size"),
     ],
 )
 def test_bad_values_name_the_key(raw: dict, key: str, tmp_path: Path) -> None:
@@ -67,6 +72,21 @@ def test_weights_path_is_resolved_against_the_params_folder(tmp_path: Path) -> N
     (tmp_path / "w.h5").write_bytes(b"x")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"weights": "w.h5"}}))
     assert load_params(tmp_path / "params.yaml").model.weights == "w.h5"
+
+
+def test_xray_weights_use_the_pretrain_architecture(tmp_path: Path) -> None:
+    """``model.weights: xray`` selects the pretrain stage's backbone; other weights keep
+    ``model.backbone`` and leave the pretrain off."""
+    default = parse_params({}, root=tmp_path)
+    assert (default.uses_pretrain, default.backbone) == (False, "vgg16")
+    xray = parse_params({"model": {"weights": "XRay"}}, root=tmp_path)
+    assert (xray.model.weights, xray.uses_pretrain, xray.backbone) == ("xray", True, "smallcnn")
+    chexnet = parse_params({"model": {"weights": "xray"},
+                            "pretrain": {"architecture": "vgg16", "init": "imagenet"}},
+                           root=tmp_path)
+    assert chexnet.backbone == "vgg16"
+    small = parse_params({"model": {"backbone": "smallcnn"}}, root=tmp_path)
+    assert (small.uses_pretrain, small.backbone) == (False, "smallcnn")
 
 
 def test_missing_and_invalid_files_are_explained(tmp_path: Path) -> None:
@@ -115,7 +135,8 @@ def test_every_problem_is_reported_on_its_own_line(tmp_path: Path) -> None:
         parse_params({"train": {"droput": 0.3, "epochs": 0}, "model": {"backbone": "resnet"}},
                      root=tmp_path)
     assert sorted(str(info.value).splitlines()) == [
-        "params.yaml: `model.backbone` must be one of 'vgg16' or 'mobilenetv2'; got 'resnet'",
+        "params.yaml: `model.backbone` must be one of 'vgg16', 'mobilenetv2' or 'smallcnn'; "
+        "got 'resnet'",
         "params.yaml: `train.epochs` must be at least 1 and at most 10,000, got 0",
         "params.yaml: unknown key `train.droput`; did you mean `train.dropout`?",
     ]

@@ -18,7 +18,7 @@ from pipeline_helpers import FAST_PARAMS, make_repo_copy, read_json, run
 pytestmark = pytest.mark.slow
 
 ALL_STAGES = {"acquire", "select_metadata", "copy_images", "split", "audit", "probe",
-              "featurize", "train@covid_normal", "train@covid_pneumonia", "evaluate",
+              "pretrain", "featurize", "train@covid_normal", "train@covid_pneumonia", "evaluate",
               "validate", "report"}
 
 
@@ -96,6 +96,19 @@ def test_head_only_experiment_skips_featurize(pipeline: dict) -> None:
     assert "train.dropout" in run(["dvc", "params", "diff"], repo).stdout
     show = run(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout
     assert "train.dropout" in show and "0.3" in show
+    run(["git", "checkout", "--", "."], repo)
+    run(["dvc", "checkout", "--force"], repo)
+
+
+def test_pretrain_params_cost_nothing_while_it_is_off(pipeline: dict) -> None:
+    """model.weights is not xray: a pretrain param re-runs only the pretrain's constant marker
+    (no TensorFlow), whose unchanged hash leaves featurize and everything after it skipped."""
+    repo = pipeline["repo"]
+    result = run(["dvc", "exp", "run", "-S", "pretrain.epochs=3",
+                  "-S", "pretrain.architecture=vgg16"], repo)
+    assert ran(result.stdout) == {"acquire", "pretrain"}
+    assert "Stage 'featurize' didn't change, skipping" in result.stdout
+    assert "no pretraining" in result.stderr
     run(["git", "checkout", "--", "."], repo)
     run(["dvc", "checkout", "--force"], repo)
 
