@@ -58,8 +58,8 @@ def report_sections(report: str) -> str:
     return "\n".join(b.rstrip() + "\n" for b in blocks if b.startswith(SECTIONS))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every real-data benchmark takes (this one and bench_backbones.py)."""
     parser.add_argument("source", type=Path, help="folder with covid-chestxray-dataset/ and "
                         "chest_xray/ (data.source)")
     parser.add_argument("--external", action="append", default=[], metavar="NAME=FOLDER",
@@ -68,8 +68,10 @@ def main() -> None:
                         metavar="KEY=VALUE", help="override a param (repeatable)")
     parser.add_argument("--workdir", type=Path, help="where to make the copy (kept)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
-    args = parser.parse_args()
 
+
+def real_copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, Path]:
+    """Check the arguments, make the repository copy for ``args.source``; ``(workdir, repo)``."""
     external = {}
     for item in args.external:
         name, sep, folder = item.partition("=")
@@ -88,13 +90,24 @@ def main() -> None:
     repo = workdir / "repo"
     if repo.exists():
         shutil.rmtree(repo)
+    make_repo_copy(REPO_ROOT, repo, params)
+    # validate.external replaces the committed demo set rather than adding to it
+    params_file = repo / "params.yaml"
+    merged = yaml.safe_load(params_file.read_text())
+    merged["validate"]["external"] = external
+    params_file.write_text(yaml.safe_dump(merged, sort_keys=False))
+    # committed, so that `dvc exp run` (bench_backbones.py) starts from these params
+    subprocess.run(["git", "commit", "-qam", "real data"], cwd=repo, env=git_env(), check=False,
+                   capture_output=True)
+    return workdir, repo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+    workdir, repo = real_copy(parser, args)
     try:
-        make_repo_copy(REPO_ROOT, repo, params)
-        # validate.external replaces the committed demo set rather than adding to it
-        params_file = repo / "params.yaml"
-        merged = yaml.safe_load(params_file.read_text())
-        merged["validate"]["external"] = external
-        params_file.write_text(yaml.safe_dump(merged, sort_keys=False))
         print(f"running dvc repro in {repo} (data.source={args.source})", flush=True)
         started = time.perf_counter()
         result = subprocess.run(["dvc", "repro"], cwd=repo, env=git_env())
