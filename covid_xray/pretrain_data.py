@@ -91,6 +91,13 @@ class PretrainImages:
                                for label in LABELS}
         return out
 
+    def audited(self) -> list[tuple[str, Path, str]]:
+        """``(label, file, patient_id)`` of the chosen images, for the audit's ``pretrain``
+        groups (:func:`covid_xray.audit.collect_groups`)."""
+        chosen = self.chosen
+        return list(zip(chosen["label"], map(Path, chosen["file"]), chosen["patient_id"],
+                        strict=True))
+
     def listing(self) -> list[tuple[str, ...]]:
         """Rows of ``images.csv``."""
         return list(self.pool[list(IMAGES_COLUMNS)].itertuples(index=False, name=None))

@@ -116,7 +116,7 @@ def score(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.nd
     return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
-def test_metrics(test: pd.DataFrame, scores: np.ndarray, resamples: int, seed: int
+def kermany_test_metrics(test: pd.DataFrame, scores: np.ndarray, resamples: int, seed: int
                  ) -> dict[str, Any]:
     """ROC AUC on Kermany test, PNEUMONIA as the positive class, with the patient-bootstrap 95%
     interval of the evaluate stage (no threshold: the pretrain's head is thrown away)."""
@@ -181,16 +181,18 @@ def pretrain(paths: Paths, params: Params, verbose: int = 2) -> dict[str, Any]:
                   epochs=settings.epochs, validation_data=validation, verbose=verbose,
                   class_weight=_class_weights(train_y), callbacks=[DVCLiveCallback(live=live)])
         seconds["fit"] = time.perf_counter() - started
-        kermany = test_metrics(test, score(model, test_images), params.validate.bootstrap,
-                               params.seed)
+        kermany = kermany_test_metrics(test, score(model, test_images),
+                                       params.validate.bootstrap, params.seed)
         at_model_size = kermany
         if params.model.img_size != settings.img_size:
-            at_model_size = test_at_size(backbone, model, test, params)
+            at_model_size = kermany_test_at_size(backbone, model, test, params)
         counts = chosen.counts()
         for key, value in kermany.items():
-            live.log_metric(f"kermany_test/{key}", value, plot=False)
-        live.log_metric("kermany_test_at_model_size/roc_auc", at_model_size["roc_auc"],
-                        plot=False)
+            if value is not None:  # undefined without both classes: left out, not logged as 0
+                live.log_metric(f"kermany_test/{key}", value, plot=False)
+        if at_model_size["roc_auc"] is not None:
+            live.log_metric("kermany_test_at_model_size/roc_auc", at_model_size["roc_auc"],
+                            plot=False)
         for use in ("train", "val"):
             for label in LABELS:
                 live.log_metric(f"data/{use}_{label}", counts[use][label], plot=False)
@@ -218,7 +220,7 @@ def pretrain(paths: Paths, params: Params, verbose: int = 2) -> dict[str, Any]:
     return {**info, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
-def test_at_size(backbone: keras.Model, model: keras.Model, test: pd.DataFrame,
+def kermany_test_at_size(backbone: keras.Model, model: keras.Model, test: pd.DataFrame,
                  params: Params) -> dict[str, Any]:
     """Kermany test metrics of the trained backbone + head run at ``model.img_size``, the size
     featurize will use (the convolutions fit any size; the scale of what they see changes)."""
@@ -228,4 +230,5 @@ def test_at_size(backbone: keras.Model, model: keras.Model, test: pd.DataFrame,
     inputs = keras.Input(shape=(size, size, 3))
     at_size = keras.Model(inputs, model.get_layer("pretrain_head")(resized(inputs)))
     images, _ = load_images(test["file"], size)
-    return test_metrics(test, score(at_size, images), params.validate.bootstrap, params.seed)
+    return kermany_test_metrics(test, score(at_size, images), params.validate.bootstrap,
+                                params.seed)

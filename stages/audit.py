@@ -10,9 +10,6 @@ pipeline when anything leaked (the files are written first, so the full list can
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
-import pandas as pd
 
 from covid_xray.audit import (
     LEAKS_HEADER,
@@ -34,10 +31,8 @@ log = logging.getLogger("covid_xray.stages.audit")
 def main() -> None:
     params = load_params()
     paths = Paths()
-    pretrain = (select_images(paths, params.pretrain).chosen if params.uses_pretrain
-                else pd.DataFrame(columns=["label", "file", "patient_id"]))
-    groups = collect_groups(paths, params.validate.external, pretrain=zip(
-        pretrain["label"], map(Path, pretrain["file"]), pretrain["patient_id"], strict=True))
+    pretrain = select_images(paths, params.pretrain).audited() if params.uses_pretrain else []
+    groups = collect_groups(paths, params.validate.external, pretrain=pretrain)
     result = run_audit(groups, max_distance=params.audit.phash_max_distance)
 
     leaks_csv = audit_dir(paths) / "leaks.csv"

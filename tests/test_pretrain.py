@@ -121,9 +121,8 @@ def test_too_few_allowed_images_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_audit_covers_the_pretrain_images(tmp_path: Path) -> None:
     tree, _ = pool_tree(tmp_path)
-    chosen = select_images(tree.paths, PretrainParams(max_per_class=0, val_size=0)).chosen
-    images = list(zip(chosen["label"], map(Path, chosen["file"]), chosen["patient_id"],
-                      strict=True))
+    images = select_images(tree.paths, PretrainParams(max_per_class=0, val_size=0)).audited()
+    assert len(images) == 9  # 4 + 4 free images and covid_normal's training patient
     clean = run_audit(audit_groups(tree.paths, {}, pretrain=images), 4, progress=False)
     assert not clean.leaks
     checked = {(a, b) for a, b in clean.pairs if a.startswith("pretrain/")}
