@@ -228,7 +228,10 @@ def kermany_test_at_size(backbone: keras.Model, model: keras.Model, test: pd.Dat
     resized = build_backbone(params.pretrain.architecture, size, "none", seed=params.pretrain.seed)
     resized.set_weights(backbone.get_weights())  # same layers, same order: only the size differs
     inputs = keras.Input(shape=(size, size, 3))
-    at_size = keras.Model(inputs, model.get_layer("pretrain_head")(resized(inputs)))
+    x = resized(inputs)
+    for layer in model.get_layer("pretrain_head").layers:  # the trained layers, any map size
+        x = layer(x)
+    at_size = keras.Model(inputs, x)
     images, _ = load_images(test["file"], size)
     return kermany_test_metrics(test, score(at_size, images), params.validate.bootstrap,
                                 params.seed)
