@@ -82,3 +82,8 @@ class Paths:
 
     def model_file(self, model_name: str) -> Path:
         return self.models / f"{model_name}.keras"
+
+    def details(self, stage: str) -> Path:
+        """Every figure a stage computed (``reports/<stage>/details.json``, read by the report);
+        ``metrics/<stage>.json`` keeps only the few that DVC tracks across experiments."""
+        return self.reports / stage / "details.json"

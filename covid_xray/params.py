@@ -247,7 +247,7 @@ class ThresholdParams(_Section):
 @dataclass(config=_CONFIG)
 class ValidateParams(_Section):
     gradcam_images: Whole = Field(3, ge=0, le=1000, description=(
-        "Grad-CAM overlays per held-out set and model"))
+        "examples per set in each model's Grad-CAM grid (its columns; 0: no grid)"))
     bootstrap: Whole = Field(1000, ge=0, le=1_000_000, description=(
         "bootstrap resamples for the 95% confidence intervals"))
     external: dict[str, str] = Field(default_factory=dict, description=(

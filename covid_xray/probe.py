@@ -59,6 +59,8 @@ features need no detail, and VGG16 at 64 px costs 1/12 of 224 px (seconds on dem
 BORDER_FRACTION = 0.05
 NUMERIC_FEATURES: tuple[str, ...] = ("width", "height", "aspect", "bit_depth", "channels",
                                      "colour", "mean", "std", "border_mean")
+# metrics/probe.json holds only the verdict (tracked by DVC); reports/probe/details.json all.
+TRACKED_KEYS: tuple[str, ...] = ("trivial_stats_auc", "random_features_auc", "fired")
 DEGRAVE = "See DeGrave et al. 2021 (Nature Machine Intelligence, doi:10.1038/s42256-021-00338-7)."
 
 
@@ -256,7 +258,7 @@ class ProbeResult:
         return self.trivial_fired
 
     def metrics(self) -> dict[str, Any]:
-        """One entry of metrics/probe.json (AUCs rounded: they are estimates on few images)."""
+        """One entry of reports/probe/details.json (AUCs rounded: estimates on few images)."""
         return {
             "trivial_stats_auc": _round(self.trivial.auc),
             "random_features_auc": _round(self.random.auc),
@@ -272,6 +274,11 @@ class ProbeResult:
             "backbone": self.backbone,
             "probe_img_size": self.img_size,
         }
+
+    def tracked(self) -> dict[str, Any]:
+        """One entry of metrics/probe.json: the verdict compared across experiments."""
+        full = self.metrics()
+        return {key: full[key] for key in TRACKED_KEYS}
 
     def warnings(self) -> list[str]:
         """The lines the stage log must show when a probe fires."""

@@ -1,8 +1,10 @@
 """Stage probe: can each model's classes be told apart without looking at disease?
 
 Reads data/splits/<model>.csv (all rows: train, val and test) and the images in data/datasets;
-writes metrics/probe.json. A probe above ``probe.auc_threshold`` prints a WARNING; it never fails
-the pipeline (the finding belongs in the report, not in a crash).
+writes metrics/probe.json (the verdict: both AUCs and whether it fired) and
+reports/probe/details.json (everything, read by the report). A probe above
+``probe.auc_threshold`` prints a WARNING; it never fails the pipeline (the finding belongs in the
+report, not in a crash).
 """
 
 from __future__ import annotations
@@ -45,14 +47,14 @@ def main() -> None:
         else np.zeros((0, size, size, 3), np.uint8), params.model.backbone, params.seed)
     random_features = {r.sha256: row for r, row in zip(distinct, features, strict=True)}
 
-    metrics = {}
+    metrics, tracked = {}, {}
     for model, rows in tables.items():
         result = probe_model(
             model, files[model], [r["label"] for r in rows], [r["patient_id"] for r in rows],
             records, random_features, positive=POSITIVE_CLASS, negative=NEGATIVE_CLASS[model],
             threshold=params.probe.auc_threshold, folds=params.probe.folds, seed=params.seed,
             backbone=params.model.backbone, img_size=size)
-        metrics[model] = result.metrics()
+        metrics[model], tracked[model] = result.metrics(), result.tracked()
         log.info("%s: %d images, trivial-statistics AUC %s, random-%s-features AUC %s "
                  "(threshold %.2f, %d folds%s)", model, result.images,
                  _fmt(result.trivial.auc), params.model.backbone, _fmt(result.random.auc),
@@ -60,7 +62,8 @@ def main() -> None:
                  ", grouped by patient" if result.trivial.grouped else "")
         for line in result.warnings():
             log.warning(line)
-    write_json(paths.metrics / "probe.json", metrics)
+    write_json(paths.details("probe"), metrics)
+    write_json(paths.metrics / "probe.json", tracked)
 
 
 def _fmt(value: float | None) -> str:

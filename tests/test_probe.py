@@ -216,7 +216,13 @@ def run_probe_stage(root: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     monkeypatch.delenv("COVID_XRAY_ROOT", raising=False)
     monkeypatch.chdir(root)
     main()
-    return json.loads((root / "metrics" / "probe.json").read_text())
+    tracked = json.loads((root / "metrics" / "probe.json").read_text())
+    details = json.loads((root / "reports" / "probe" / "details.json").read_text())
+    # DVC tracks the verdict only; the report reads the rest from the details
+    assert tracked == {model: {key: entry[key] for key in ("trivial_stats_auc",
+                                                           "random_features_auc", "fired")}
+                       for model, entry in details.items()}
+    return details
 
 
 def test_stage_warns_with_artefact_and_not_without(tmp_path: Path,
