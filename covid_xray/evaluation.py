@@ -29,10 +29,10 @@ from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths
 from covid_xray.datasets import EXTERNAL_LABELS, external_sets, kermany_patient_id
 from covid_xray.errors import PipelineError
 from covid_xray.gradcam import heatmap_from_cam, overlay
-from covid_xray.imaging import ImageDecodeError, load_image, resize_square
+from covid_xray.imaging import DEFAULT_PREPROCESSING, ImageDecodeError, load_image, model_view
 from covid_xray.io import atomic_dir, write_csv, write_json, write_text
 from covid_xray.model_info import ModelInfo, info_path, read_model_info
-from covid_xray.params import Params
+from covid_xray.params import Params, Preprocessing
 from covid_xray.scores import Predictions, covid_labels
 from covid_xray.splitting import read_manifest, read_split
 
@@ -415,9 +415,11 @@ def heldout_groups(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 def gradcam_image(image_path: Path, cam: np.ndarray, img_size: int, score: float,
-                  threshold: float) -> np.ndarray:
-    """Grad-CAM overlay (RGB uint8) of a stored map, with the score and verdict in the corner."""
-    rgb = resize_square(load_image(image_path), img_size)
+                  threshold: float,
+                  preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """Grad-CAM overlay (RGB uint8) of a stored map, with the score and verdict in the corner,
+    drawn on the model's own view of the image (the map's geometry)."""
+    rgb = model_view(load_image(image_path), img_size, preprocessing)
     canvas = overlay(rgb, heatmap_from_cam(cam, img_size))
     scale = max(1, canvas.shape[0] // 128)
     if canvas.shape[0] < 160:
@@ -596,7 +598,8 @@ def validate(paths: Paths, params: Params) -> dict[str, Any]:
             info = models[model_name].info
             for key, image_path, cam, score in jobs:
                 try:
-                    picture = gradcam_image(image_path, cam, info.img_size, score, info.threshold)
+                    picture = gradcam_image(image_path, cam, info.img_size, score, info.threshold,
+                                            info.preprocess)
                 except (ImageDecodeError, OSError) as exc:
                     log.warning("grad-cam skipped %s: %s", image_path, exc)
                     continue
