@@ -8,9 +8,12 @@ image (the seed's rotation augmentation, drawn once instead of per epoch). The i
 ``validate.external`` sets are featurized too (originals only), so that train can score every
 image the later stages report on, and evaluate/validate never run the backbone.
 
-Images are streamed from disk in batches into a ``.npy`` memmap, so memory does not grow with the
-number of images. Nothing here depends on head or training params (dropout, learning rate, epochs,
-batch size, dense nodes, pool size): changing those never re-runs this stage.
+Images go through ``imaging.prepare_file`` with ``params.preprocess`` (the function the app and
+the CLI use); the settings are recorded in ``info.json``, and train copies them into each model's
+sidecar so serving applies the same. Images are streamed from disk in batches into a ``.npy``
+memmap, so memory does not grow with the number of images. Nothing here depends on head or
+training params (dropout, learning rate, epochs, batch size, dense nodes, pool size): changing
+those never re-runs this stage.
 
 Layout of ``data/features/`` (docs/contracts.md): ``features.npy`` float32 ``(rows, f, f, C)``,
 ``index.csv`` (``row, sha256, path, copy, angle``), ``backbone.weights.h5``, ``info.json``.
