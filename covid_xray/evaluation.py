@@ -29,10 +29,10 @@ from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths
 from covid_xray.datasets import EXTERNAL_LABELS, external_sets, kermany_patient_id
 from covid_xray.errors import PipelineError
 from covid_xray.gradcam import heatmap_from_cam, overlay
-from covid_xray.imaging import ImageDecodeError, load_image, resize_square
+from covid_xray.imaging import DEFAULT_PREPROCESSING, ImageDecodeError, load_image, model_view
 from covid_xray.io import atomic_dir, atomic_path, write_csv, write_json, write_text
 from covid_xray.model_info import ModelInfo, info_path, read_model_info
-from covid_xray.params import Params
+from covid_xray.params import Params, Preprocessing
 from covid_xray.scores import Predictions, covid_labels
 from covid_xray.splitting import read_manifest, read_split
 
@@ -472,13 +472,15 @@ def grid_tile_size(img_size: int) -> int:
     return int(min(max(img_size, GRID_TILE_MIN), GRID_TILE_MAX))
 
 
-def gradcam_overlay(image_path: Path, cam: np.ndarray, img_size: int, tile: int) -> np.ndarray:
-    """Grad-CAM overlay (RGB uint8, ``tile`` x ``tile``) of a stored map on the model's input.
+def gradcam_overlay(image_path: Path, cam: np.ndarray, img_size: int, tile: int,
+                    preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """Grad-CAM overlay (RGB uint8, ``tile`` x ``tile``) of a stored map on the model's own view
+    of the image (its input, preprocessed: the map's geometry).
 
     Drawn at the model's input size, then resized (nearest neighbour when enlarged: the pixels
     the model saw, not a smoothed guess).
     """
-    rgb = resize_square(load_image(image_path), img_size)
+    rgb = model_view(load_image(image_path), img_size, preprocessing)
     canvas = overlay(rgb, heatmap_from_cam(cam, img_size))
     interpolation = cv2.INTER_NEAREST if tile >= img_size else cv2.INTER_AREA
     return cv2.resize(canvas, (tile, tile), interpolation=interpolation)
@@ -532,7 +534,8 @@ def gradcam_grid(rows: Sequence[Sequence[np.ndarray]], title: Sequence[str]) -> 
 
 
 def draw_gradcam_grid(model_name: str, examples: Sequence[GradcamExample], img_size: int,
-                      threshold: float) -> np.ndarray | None:
+                      threshold: float,
+                      preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray | None:
     """The model's Grad-CAM grid: a row per set (in ``examples`` order), each tile labelled with
     its set, true label, score and verdict at ``threshold`` (orange when wrong). None without
     examples. An image that cannot be read any more is a grey tile (and a warning naming it),
@@ -544,7 +547,7 @@ def draw_gradcam_grid(model_name: str, examples: Sequence[GradcamExample], img_s
         lines = [f"{example.set_name} / {example.label}",
                  f"score {example.score:.2f} -> {verdict}"]
         try:
-            picture = gradcam_overlay(example.path, example.cam, img_size, tile)
+            picture = gradcam_overlay(example.path, example.cam, img_size, tile, preprocessing)
         except (ImageDecodeError, OSError) as exc:
             log.warning("grad-cam of %s: image unreadable, drawn as a grey tile: %s",
                         example.path, exc)
@@ -729,7 +732,8 @@ def validate(paths: Paths, params: Params) -> dict[str, Any]:
     with atomic_dir(paths.plots / "gradcam") as folder:
         for model_name, jobs in gradcam_jobs.items():
             info = models[model_name].info
-            grid = draw_gradcam_grid(model_name, jobs, info.img_size, info.threshold)
+            grid = draw_gradcam_grid(model_name, jobs, info.img_size, info.threshold,
+                                     info.preprocess)
             if grid is not None:
                 write_png(folder / f"{model_name}.png", grid)
     payload = {**results, "skipped_images": len(skipped)}

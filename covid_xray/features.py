@@ -8,9 +8,12 @@ image (the seed's rotation augmentation, drawn once instead of per epoch). The i
 ``validate.external`` sets are featurized too (originals only), so that train can score every
 image the later stages report on, and evaluate/validate never run the backbone.
 
-Images are streamed from disk in batches into a ``.npy`` memmap, so memory does not grow with the
-number of images. Nothing here depends on head or training params (dropout, learning rate, epochs,
-batch size, dense nodes, pool size): changing those never re-runs this stage.
+Images go through ``imaging.prepare_file`` with ``params.preprocess`` (the function the app and
+the CLI use); the settings are recorded in ``info.json``, and train copies them into each model's
+sidecar so serving applies the same. Images are streamed from disk in batches into a ``.npy``
+memmap, so memory does not grow with the number of images. Nothing here depends on head or
+training params (dropout, learning rate, epochs, batch size, dense nodes, pool size): changing
+those never re-runs this stage.
 
 Layout of ``data/features/`` (docs/contracts.md): ``features.npy`` float32 ``(rows, f, f, C)``,
 ``index.csv`` (``row, sha256, path, copy, angle``), ``backbone.weights.h5``, ``info.json``.
@@ -36,7 +39,7 @@ from covid_xray import splitting
 from covid_xray.config import Paths
 from covid_xray.datasets import external_sets
 from covid_xray.errors import PipelineError
-from covid_xray.imaging import ImageDecodeError, prepare_file
+from covid_xray.imaging import DEFAULT_PREPROCESSING, ImageDecodeError, prepare_file
 from covid_xray.io import (
     atomic_dir,
     read_json,
@@ -45,7 +48,7 @@ from covid_xray.io import (
     write_json,
 )
 from covid_xray.modeling import build_backbone
-from covid_xray.params import Params
+from covid_xray.params import Params, Preprocessing, parse_preprocessing
 from covid_xray.tf_runtime import keras, tf
 
 log = logging.getLogger("covid_xray.features")
@@ -136,8 +139,10 @@ class Batch:
 
 
 def _prepare_batch(plan: pd.DataFrame, start: int, stop: int, images_root: Path,
-                   img_size: int, bad_images: dict[str, str]) -> Batch:
-    """Decode + resize (+ rotate) one batch with the shared imaging code; skip unreadable files."""
+                   img_size: int, bad_images: dict[str, str],
+                   preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> Batch:
+    """Decode + preprocess (+ rotate) one batch with the shared imaging code (the function the
+    app and the CLI use); skip unreadable files."""
     kept: list[int] = []
     arrays: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
@@ -146,7 +151,8 @@ def _prepare_batch(plan: pd.DataFrame, start: int, stop: int, images_root: Path,
         if path in bad_images:
             continue
         try:
-            arrays.append(prepare_file(images_root / path, img_size, angle_deg=float(angle)))
+            arrays.append(prepare_file(images_root / path, img_size, angle_deg=float(angle),
+                                       preprocessing=preprocessing))
         except (ImageDecodeError, OSError) as exc:
             bad_images[path] = str(exc)
             skipped.append((path, str(exc)))
@@ -157,8 +163,8 @@ def _prepare_batch(plan: pd.DataFrame, start: int, stop: int, images_root: Path,
     return Batch(kept, images, skipped)
 
 
-def iter_batches(plan: pd.DataFrame, images_root: Path, img_size: int,
-                 batch_size: int) -> Iterator[Batch]:
+def iter_batches(plan: pd.DataFrame, images_root: Path, img_size: int, batch_size: int,
+                 preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> Iterator[Batch]:
     """Stream prepared batches from disk, decoding the next batch while the current one runs.
 
     One background thread (OpenCV releases the GIL) overlaps decoding with the backbone; only two
@@ -170,10 +176,10 @@ def iter_batches(plan: pd.DataFrame, images_root: Path, img_size: int,
         pending = None
         for i, start in enumerate(starts):
             current = pending or pool.submit(_prepare_batch, plan, start, start + batch_size,
-                                             images_root, img_size, bad_images)
+                                             images_root, img_size, bad_images, preprocessing)
             current_batch = current.result()
             pending = (pool.submit(_prepare_batch, plan, starts[i + 1], starts[i + 1] + batch_size,
-                                   images_root, img_size, bad_images)
+                                   images_root, img_size, bad_images, preprocessing)
                        if i + 1 < len(starts) else None)
             yield current_batch
 
@@ -245,7 +251,8 @@ class FeaturizeResult:
 
 def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Model,
                      out_file: Path, batch_size: int, jit_compile: bool = True,
-                     progress: bool = True) -> FeaturizeResult:
+                     progress: bool = True,
+                     preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> FeaturizeResult:
     """Run the backbone over every planned row, writing features incrementally to ``out_file``.
 
     Rows of images that cannot be decoded are dropped (listed in ``skipped``); the written file
@@ -264,7 +271,7 @@ def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Mode
     # the page cache, not in this process's resident memory, which stays flat with the row count.
     with out_file.open("r+b") as handle:
         handle.seek(offset)
-        for batch in iter_batches(plan, images_root, img_size, batch_size):
+        for batch in iter_batches(plan, images_root, img_size, batch_size, preprocessing):
             skipped.extend({"path": p, "reason": r} for p, r in batch.skipped)
             n = len(batch.plan_rows)
             if n:
@@ -343,7 +350,7 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
         save_weights_reproducibly(backbone, folder / BACKBONE_WEIGHTS_FILE)
         result = compute_features(plan, paths.datasets, backbone, folder / FEATURES_FILE,
                                   params.featurize.batch_size, jit_compile=jit_compile,
-                                  progress=progress)
+                                  progress=progress, preprocessing=params.preprocess)
         if result.index.empty:
             raise PipelineError(f"{paths.datasets}: none of the {plan['path'].nunique()} images "
                                 f"could be decoded (first: {result.skipped[0]['reason']})")
@@ -353,6 +360,7 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
             "backbone": params.model.backbone,
             "weights": params.model.weights,
             "img_size": params.model.img_size,
+            "preprocess": params.preprocess.as_dict(),
             "feature_shape": list(result.feature_shape),
             "augment_copies": params.featurize.augment_copies,
             "rotation_deg": params.train.rotation_deg,
@@ -417,11 +425,19 @@ class FeatureStore:
         height, width, channels = self.features.shape[1:]
         return int(height), int(width), int(channels)
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing the features were computed with (the models must be served with
+        it); a store written before the setting existed used the defaults."""
+        return parse_preprocessing(self.info.get("preprocess"), str(self.folder / INFO_FILE))
+
     def check_matches(self, params: Params) -> None:
-        """Refuse features computed with another backbone/size than params say (stale cache)."""
+        """Refuse features computed with another backbone/size/preprocessing than params say
+        (stale cache)."""
         expected = {"backbone": params.model.backbone, "weights": params.model.weights,
-                    "img_size": params.model.img_size}
+                    "img_size": params.model.img_size, "preprocess": params.preprocess.as_dict()}
         found = {key: self.info.get(key) for key in expected}
+        found["preprocess"] = self.preprocessing.as_dict()
         if found != expected:
             raise PipelineError(f"{self.folder / INFO_FILE}: features were computed for {found}, "
                                 f"params.yaml says {expected}; re-run featurize (`dvc repro`)")

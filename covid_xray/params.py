@@ -46,6 +46,8 @@ from covid_xray.io import write_text
 
 Backbone = Literal["vgg16", "mobilenetv2"]
 ThresholdRule = Literal["youden", "target_sensitivity", "argmax"]
+Equalize = Literal["none", "hist", "clahe"]
+ResizeMode = Literal["stretch", "pad", "center_crop"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 
@@ -215,6 +217,88 @@ class ModelParams(_Section):
 
 
 @dataclass(config=_CONFIG)
+class Preprocessing(_Section):
+    """How a decoded image becomes the model input; also the value object the models carry.
+
+    The ``preprocess`` section of params.yaml, and the same class in each model's sidecar, so the
+    app and the CLI apply exactly the steps training used (``covid_xray.imaging.model_view``).
+    Defined here, not in ``imaging``, so that one class validates it wherever it is read (params,
+    sidecars) without every stage importing OpenCV. Frozen and hashable: the prediction service
+    groups models by it. The defaults are the seed's recipe (decode -> RGB -> stretch).
+    """
+
+    grayscale: StrictBool = Field(False, description=(
+        "decode to one grey channel (luma), replicated to the backbone's 3 channels; hides "
+        "colour-tinted vs grey storage"))
+    equalize: Equalize = Field("none", description=(
+        "`none`, `hist` (global histogram equalisation) or `clahe`, on the grey level (the Y of "
+        "YCrCb when colour is kept)"))
+    clahe_clip: Number = Field(2.0, gt=0, le=100, description=(
+        "CLAHE contrast limit (`equalize: clahe`)"))
+    clahe_tile: Whole = Field(8, ge=1, le=64, description=(
+        "CLAHE tiles per side (`equalize: clahe`)"))
+    resize: ResizeMode = Field("stretch", description=(
+        "`stretch` to a square (the seed's: aspect ratio shows as distortion), `pad` (keep "
+        "aspect, black bars) or `center_crop` (the central square)"))
+    crop_border: Number = Field(0.0, ge=0, le=0.4, description=(
+        "fraction of each side cut off first (burnt-in borders, markers, text)"))
+
+    @field_validator("equalize", "resize", mode="before")
+    @classmethod
+    def _choice_case(cls, value: Any) -> Any:
+        return _lower(value)
+
+    @property
+    def is_default(self) -> bool:
+        """The seed's recipe: the model input is decode -> RGB -> stretch, nothing else."""
+        return self == Preprocessing()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as plain values (sidecars, ``data/features/info.json``)."""
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The recipe in one line, for model cards and logs."""
+        steps = ["decode->RGB"]
+        if self.crop_border:
+            steps.append(f"crop_border({self.crop_border:g} per side)")
+        if self.grayscale:
+            steps.append("grey(luma)")
+        if self.equalize == "hist":
+            steps.append("equalize(hist" + ("" if self.grayscale else ", on Y") + ")")
+        elif self.equalize == "clahe":
+            steps.append(f"equalize(clahe clip {self.clahe_clip:g}, {self.clahe_tile}x"
+                         f"{self.clahe_tile} tiles" + ("" if self.grayscale else ", on Y") + ")")
+        steps.append({"stretch": "resize(img_size",  # the seed's words: old sidecars say this
+                      "pad": "resize(keep aspect, pad with black to img_size",
+                      "center_crop": "resize(central square to img_size"}[self.resize]
+                     + ", INTER_AREA when shrinking)")
+        if self.grayscale:
+            steps.append("replicate to 3 channels")
+        steps.append("float32/255")
+        return "->".join(steps)
+
+
+def parse_preprocessing(raw: Any, source: str) -> Preprocessing:
+    """Validate preprocessing settings read from a file (a model sidecar, a feature store).
+
+    None or an empty mapping (files written before the settings existed) means the defaults,
+    the only recipe there was. Raises :class:`ParamsError`, one line per problem, each starting
+    with ``source`` and naming the ``preprocess.<key>``.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: `preprocess` must be a mapping of settings, got {raw!r}")
+    try:
+        return _PREPROCESSING_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise ParamsError("\n".join(
+            f"{source}: {_problem({**e, 'loc': ('preprocess', *e['loc'])})}"
+            for e in exc.errors())) from None
+
+
+@dataclass(config=_CONFIG)
 class FeaturizeParams(_Section):
     augment_copies: Whole = Field(2, ge=0, le=64, description=(
         "rotated copies per training image, featurized once"))
@@ -292,6 +376,7 @@ class Params:
     copy: CopyParams = Field(default_factory=CopyParams)
     split: SplitParams = Field(default_factory=SplitParams)
     model: ModelParams = Field(default_factory=ModelParams)
+    preprocess: Preprocessing = Field(default_factory=Preprocessing)
     featurize: FeaturizeParams = Field(default_factory=FeaturizeParams)
     train: TrainParams = Field(default_factory=TrainParams)
     threshold: ThresholdParams = Field(default_factory=ThresholdParams)
@@ -306,6 +391,7 @@ class Params:
 
 
 _ADAPTER = TypeAdapter(Params)
+_PREPROCESSING_ADAPTER = TypeAdapter(Preprocessing)
 
 # Error messages: pydantic's error types -> "what is allowed" in the project's words.
 _EXPECTED = {

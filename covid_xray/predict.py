@@ -6,11 +6,13 @@ incompatible model file stops start-up with a message naming the file.
 
 Pipeline per image: content-based decode (``imaging.decode_image``: pixel and decoded-bytes caps,
 truncated/corrupt data refused, large decodes bounded by ``decode_slots``) -> image-level
-out-of-distribution checks (colour, page, noise) -> ``imaging`` preprocessing (the training
-recipe) -> backbone -> each model's head -> feature-distance check per model -> verdict with the
-model's own operating threshold. When the two models share the identical frozen backbone (same
-weights hash, the normal case: both heads are trained on one featurize run) the backbone runs once
-per image and only the heads run per model; the scores equal ``Classifier.covid_scores``.
+out-of-distribution checks (colour, page, noise) -> ``imaging.prepare_rgb`` with the
+preprocessing recorded in each model's sidecar (what its features were computed with at training,
+never params.yaml's) -> backbone -> each model's head -> feature-distance check per model ->
+verdict with the model's own operating threshold. When the two models share the identical frozen
+backbone (same weights hash, the normal case: both heads are trained on one featurize run) and the
+same preprocessing, the backbone runs once per image and only the heads run per model; the scores
+equal ``Classifier.covid_scores``. Models with different preprocessing each get their own input.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from covid_xray.modeling import (
     ModelLoadError,
     pooled_features,
 )
+from covid_xray.params import Preprocessing
 from covid_xray.tf_runtime import tf
 
 log = logging.getLogger(__name__)
@@ -133,11 +136,13 @@ def _load_model(name: str, models_dir: Path) -> LoadedModel:
 
 
 class _Group:
-    """Models that share one img_size and identical backbone weights: one backbone pass."""
+    """Models that share img_size, preprocessing and identical backbone weights: one input,
+    one backbone pass."""
 
     def __init__(self, models: list[LoadedModel]) -> None:
         self.models = models
         self.img_size = models[0].info.img_size
+        self.preprocessing = models[0].info.preprocess
         backbone = models[0].classifier.model.get_layer("backbone")
         heads = [m.classifier.model.get_layer("head") for m in models]
         spec = tf.TensorSpec([None, self.img_size, self.img_size, 3], tf.float32)
@@ -148,6 +153,11 @@ class _Group:
             return feature_maps, [head(feature_maps, training=False) for head in heads]
 
         self.infer = infer
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """A decoded uint8 RGB image -> the models' input batch ``(1, S, S, 3)``, by the one
+        preprocessing function training used, with the settings the models were trained with."""
+        return imaging.prepare_rgb(rgb, self.img_size, self.preprocessing)[np.newaxis]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         feature_maps, probs = self.infer(tf.convert_to_tensor(batch, dtype=tf.float32))
@@ -190,10 +200,10 @@ class PredictionService:
         self.decode_slots = threading.BoundedSemaphore(decode_slots)
         self.ood_tolerance = ood_tolerance
         self._gradcam_lock = threading.Lock()
-        groups: dict[tuple[int, str], list[LoadedModel]] = {}
+        groups: dict[tuple[int, Preprocessing, str], list[LoadedModel]] = {}
         for model in models:
             backbone = model.classifier.model.get_layer("backbone")
-            key = (model.info.img_size,
+            key = (model.info.img_size, model.info.preprocess,
                    weights_digest(backbone) if share_backbone else model.name)
             groups.setdefault(key, []).append(model)
         self.groups = [_Group(members) for members in groups.values()]
@@ -231,6 +241,7 @@ class PredictionService:
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "models": {m.name: {**m.version(), "img_size": m.info.img_size,
+                                                    "preprocessing": m.info.preprocessing,
                                                     "ood_check": m.ood_stats is not None}
                                            for m in self.models},
                 "shared_backbone": self.shared_backbone, "ood_tolerance": self.ood_tolerance}
@@ -332,8 +343,7 @@ class PredictionService:
         timing: dict[str, float] = {"preprocess": 0.0, "models": 0.0, "gradcam": 0.0}
         for group in self.groups:
             t0 = time.perf_counter()
-            resized = imaging.resize_square(rgb, group.img_size)
-            batch = imaging.to_model_input(resized)[np.newaxis]
+            batch = group.prepare(rgb)
             t1 = time.perf_counter()
             feature_maps, probs = group.run(batch)
             t2 = time.perf_counter()
@@ -382,22 +392,45 @@ class PredictionService:
         """Grad-CAM for the COVID class, blended over the preview image, as a data: URL.
 
         ``feature_maps`` (the backbone output already computed for the verdict) saves a second
-        backbone pass per model.
+        backbone pass per model. The heatmap is mapped back onto the part of the upload the model
+        saw (:func:`heatmap_on_image`), so a cropped or padded input still lines up.
         """
         from covid_xray.gradcam import gradcam_heatmap, overlay
 
         with self._gradcam_lock:  # GradientTape on shared Keras layers: one at a time
             heatmap = gradcam_heatmap(model.classifier, image01, feature_map=feature_maps)
         shown = _preview(rgb)
-        heatmap = cv2.resize(heatmap, (shown.shape[1], shown.shape[0]),
-                             interpolation=cv2.INTER_LINEAR)
-        return _data_url(overlay(shown, heatmap))
+        return _data_url(overlay(shown, heatmap_on_image(heatmap, rgb.shape[:2], shown.shape[:2],
+                                                         model.info.preprocess)))
 
     # -- the same computation, without any API, for the benchmark --------------------------
 
     def scores_direct(self, batch01: np.ndarray) -> dict[str, np.ndarray]:
         """COVID scores of a preprocessed batch through each full Keras model (no sharing)."""
         return {m.name: m.classifier.covid_scores(batch01) for m in self.models}
+
+
+def heatmap_on_image(heatmap: np.ndarray, decoded_shape: tuple[int, int],
+                     shown_shape: tuple[int, int], preprocessing: Preprocessing) -> np.ndarray:
+    """A model-input heatmap ``(S, S)`` -> ``shown_shape``, aligned with the decoded image.
+
+    The part of the model input that came from the image (``imaging.view_geometry``'s target box:
+    all of it but ``pad``'s bars) is resized onto the part of the image the model saw (its source
+    box, scaled to ``shown_shape``); what the model never saw (``crop_border``, ``center_crop``'s
+    sides) stays 0. With the default stretch this is a plain resize of the whole heatmap.
+    """
+    height, width = decoded_shape
+    shown_h, shown_w = shown_shape
+    geometry = imaging.view_geometry(height, width, heatmap.shape[0], preprocessing)
+    top, bottom, left, right = geometry.source
+    y0, y1 = round(top * shown_h / height), round(bottom * shown_h / height)
+    x0, x1 = round(left * shown_w / width), round(right * shown_w / width)
+    ty0, ty1, tx0, tx1 = geometry.target
+    placed = np.zeros((shown_h, shown_w), dtype=np.float32)
+    if y1 > y0 and x1 > x0:
+        placed[y0:y1, x0:x1] = cv2.resize(np.ascontiguousarray(heatmap[ty0:ty1, tx0:tx1]),
+                                          (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    return placed
 
 
 def _rounded(measures: dict[str, float]) -> dict[str, float]:

@@ -180,8 +180,8 @@ def git_revision(root: Path) -> str:
 def relevant_params(params: Params) -> dict[str, Any]:
     """The params a model depends on, stored in its sidecar for provenance."""
     return {"seed": params.seed, "model": asdict(params.model),
-            "featurize": asdict(params.featurize), "train": asdict(params.train),
-            "threshold": asdict(params.threshold)}
+            "preprocess": params.preprocess.as_dict(), "featurize": asdict(params.featurize),
+            "train": asdict(params.train), "threshold": asdict(params.threshold)}
 
 
 def load_backbone(store: FeatureStore, params: Params) -> keras.Model:
@@ -309,6 +309,7 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
     info = ModelInfo(
         model_name=model_name, class_names=names,
         positive_class=POSITIVE_CLASS, img_size=params.model.img_size,
+        preprocess=store.preprocessing,  # what the features saw: the app/CLI apply the same
         backbone=params.model.backbone, weights=params.model.weights,
         threshold=choice.threshold, revision=git_revision(paths.root),
         params={**relevant_params(params), "threshold_choice": asdict(choice)},
