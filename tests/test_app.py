@@ -121,6 +121,8 @@ def test_page_shows_what_each_model_was_trained_on(service: PredictionService) -
     demo = page("demo", "synthetic demo images (data.source=demo), never a real X-ray")
     real = page("local:collections", "the X-ray collections in the local folder collections/")
     unrecorded = page("unknown", "")
+    assert 'data-testid="demo-note"' in demo and "These models were" in demo
+    assert 'data-testid="demo-note"' not in real + unrecorded
     for name in MODEL_NAMES:
         assert re.search(rf'<p class="source demo" data-testid="source-{name}">Trained on '
                          r"synthetic demo images \(data\.source=demo\), never a real X-ray</p>",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import FAST_PARAMS, make_repo_copy, read_json, run
+from pipeline_helpers import FAST_PARAMS, dvc_warnings, make_repo_copy, read_json, run
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> dict:
 def test_repro_runs_every_stage_then_is_up_to_date(pipeline: dict) -> None:
     repo = pipeline["repo"]
     assert ran(pipeline["first"]) == ALL_STAGES
+    assert dvc_warnings(pipeline["first"]) == [], pipeline["first"]  # a normal run: none
     for output in ("models/covid_normal.keras", "models/covid_pneumonia.keras",
                    "models/covid_normal.json", "models/covid_normal.card.md",
                    "data/features/features.npy", "data/datasets/manifest.csv",
