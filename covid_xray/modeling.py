@@ -14,6 +14,10 @@ Saved format: ``models/<name>.keras`` (the complete model, backbone + head, inpu
 remember: class order, positive class, image size, preprocessing recipe, operating threshold,
 backbone and weights, the revision it was trained at, the out-of-distribution statistics, and the
 ``.keras`` file's SHA-256 (``model_sha256``): a model beside another run's sidecar is refused.
+
+Backbone weights from a file (``model.weights: <path>``) are checked with h5py before anything is
+built from them (:func:`check_weights_file`): Keras reports a file of another architecture in many
+lines, or loads part of it and only warns.
 """
 
 from __future__ import annotations
@@ -239,9 +243,9 @@ def check_weights_file(path: Path | str, backbone: str) -> None:
                             f"{KERAS3_SUFFIX}; rename the file")
     if not layout.keras3 and (name.endswith(KERAS3_SUFFIX) or not name.endswith(LEGACY_SUFFIXES)):
         raise PipelineError(f"model.weights: {path} holds {label} weights in the Keras 2 layout "
-                            f"(like Keras's published {_IMAGENET_FILES['vgg16']}), which Keras "
-                            "reads only from a name ending in .h5 (not .weights.h5); rename "
-                            "the file")
+                            f"(like Keras's published {imagenet_file(backbone, 224).name}), which "
+                            "Keras reads only from a name ending in .h5 (not .weights.h5); "
+                            "rename the file")
 
 
 def _what_it_holds(layout: WeightsLayout, backbone: str) -> str:
