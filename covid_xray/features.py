@@ -47,7 +47,7 @@ from covid_xray.io import (
     write_csv,
     write_json,
 )
-from covid_xray.modeling import build_backbone
+from covid_xray.modeling import build_backbone, weights_sha256
 from covid_xray.params import Params, Preprocessing, parse_preprocessing
 from covid_xray.tf_runtime import keras, tf
 
@@ -359,6 +359,9 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
         info = {
             "backbone": params.model.backbone,
             "weights": params.model.weights,
+            # which file: a path says nothing when the file at it is replaced (train checks it)
+            "weights_sha256": weights_sha256(params.model.backbone, params.model.img_size,
+                                             params.model.weights, paths.root),
             "img_size": params.model.img_size,
             "preprocess": params.preprocess.as_dict(),
             "feature_shape": list(result.feature_shape),

@@ -17,6 +17,10 @@ from covid_xray.params import Preprocessing, parse_preprocessing
 PREPROCESSING = Preprocessing().describe()
 """The seed's recipe in words (what every sidecar said before ``preprocess`` was recorded)."""
 FORMAT_VERSION = 1
+DEMO_SOURCE = "demo"
+"""``training_source`` of models trained on the synthetic demo data (``data.source: demo``)."""
+UNKNOWN_SOURCE = "unknown"
+"""``training_source`` of sidecars written before the training source was recorded."""
 
 
 class ModelLoadError(PipelineError):
@@ -47,6 +51,27 @@ class ModelInfo:
     model_sha256: str = ""
     """SHA-256 of the ``.keras`` file this sidecar was written with: binds the pair, so a model
     beside another run's sidecar (another threshold, other OOD statistics) is refused."""
+    weights_sha256: str = ""
+    """SHA-256 of the backbone weights file the features were computed with: ``weights`` a file,
+    or Keras's cached ImageNet file; empty for ``none`` (seeded random weights)."""
+    training_source: str = UNKNOWN_SOURCE
+    """What the model was trained on: ``demo``, ``download`` or ``local:<folder name>``
+    (``data.source``). The server says so when demo models refuse a real X-ray."""
+    training_data: str = ""
+    """The same for people: a sentence the server's page and ``/healthz`` show."""
+
+    @property
+    def trained_on_demo(self) -> bool:
+        return self.training_source == DEMO_SOURCE
+
+    @property
+    def trained_on(self) -> str:
+        """``training_data``, or what can be said without it (older or hand-written sidecars)."""
+        if self.training_data:
+            return self.training_data
+        if self.training_source == UNKNOWN_SOURCE:
+            return "data not recorded (the sidecar predates training sources)"
+        return f"data.source {self.training_source}"
 
     def __post_init__(self) -> None:
         if not isinstance(self.preprocess, Preprocessing):

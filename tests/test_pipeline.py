@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import FAST_PARAMS, make_repo_copy, read_json, run
+from pipeline_helpers import FAST_PARAMS, dvc_warnings, make_repo_copy, read_json, run
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> dict:
 def test_repro_runs_every_stage_then_is_up_to_date(pipeline: dict) -> None:
     repo = pipeline["repo"]
     assert ran(pipeline["first"]) == ALL_STAGES
+    assert dvc_warnings(pipeline["first"]) == [], pipeline["first"]  # a normal run: none
     for output in ("models/covid_normal.keras", "models/covid_pneumonia.keras",
                    "models/covid_normal.json", "models/covid_normal.card.md",
                    "data/features/features.npy", "data/datasets/manifest.csv",
@@ -100,12 +101,13 @@ def test_dvc_tracks_tens_of_metrics_not_hundreds(pipeline: dict) -> None:
             assert f"metrics/validate.json:{model}.heldout.{key}" in keys
         assert f"metrics/validate.json:{model}.external.demo_external.sensitivity" in keys
         assert f"metrics/probe.json:{model}.fired" in keys
+        assert f"metrics/probe.json:{model}.model_input.stats_auc" in keys
     assert {"metrics/data.json:audit.passed", "metrics/data.json:audit.leaks"} <= keys
     # every figure is still written, for the report: in the details files
     details = read_json(repo / "reports/validate/details.json")
     assert details["covid_normal"]["sets"]["heldout_covid"]["n"] > 0
     assert "f1_ci_low" in read_json(repo / "reports/evaluate/details.json")["covid_normal"]
-    assert "top_trivial_features" in read_json(repo / "reports/probe/details.json")["covid_normal"]
+    assert "top_raw_features" in read_json(repo / "reports/probe/details.json")["covid_normal"]
 
 
 def test_plots_page_shows_the_curves_then_one_gradcam_grid_per_model(
