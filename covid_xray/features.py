@@ -21,8 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from covid_xray import splitting
 from covid_xray.config import Paths
 from covid_xray.datasets import external_sets
 from covid_xray.errors import PipelineError
-from covid_xray.imaging import ImageDecodeError, prepare_file
+from covid_xray.feature_inputs import iter_batches
 from covid_xray.io import (
     atomic_dir,
     read_json,
@@ -126,58 +125,6 @@ def plan_rows(manifest: pd.DataFrame, augment_copies: int, rotation_deg: float,
     return plan
 
 
-@dataclass
-class Batch:
-    """Prepared model inputs for consecutive plan rows (bad images already dropped)."""
-
-    plan_rows: list[int]
-    images: np.ndarray
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _prepare_batch(plan: pd.DataFrame, start: int, stop: int, images_root: Path,
-                   img_size: int, bad_images: dict[str, str]) -> Batch:
-    """Decode + resize (+ rotate) one batch with the shared imaging code; skip unreadable files."""
-    kept: list[int] = []
-    arrays: list[np.ndarray] = []
-    skipped: list[tuple[str, str]] = []
-    for row, path, angle in plan.iloc[start:stop][["row", "path", "angle"]].itertuples(
-            index=False, name=None):
-        if path in bad_images:
-            continue
-        try:
-            arrays.append(prepare_file(images_root / path, img_size, angle_deg=float(angle)))
-        except (ImageDecodeError, OSError) as exc:
-            bad_images[path] = str(exc)
-            skipped.append((path, str(exc)))
-            continue
-        kept.append(int(row))
-    images = (np.stack(arrays) if arrays
-              else np.zeros((0, img_size, img_size, 3), dtype=np.float32))
-    return Batch(kept, images, skipped)
-
-
-def iter_batches(plan: pd.DataFrame, images_root: Path, img_size: int,
-                 batch_size: int) -> Iterator[Batch]:
-    """Stream prepared batches from disk, decoding the next batch while the current one runs.
-
-    One background thread (OpenCV releases the GIL) overlaps decoding with the backbone; only two
-    batches are in memory at any time, whatever the number of images.
-    """
-    bad_images: dict[str, str] = {}
-    starts = list(range(0, len(plan), batch_size))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for i, start in enumerate(starts):
-            current = pending or pool.submit(_prepare_batch, plan, start, start + batch_size,
-                                             images_root, img_size, bad_images)
-            current_batch = current.result()
-            pending = (pool.submit(_prepare_batch, plan, starts[i + 1], starts[i + 1] + batch_size,
-                                   images_root, img_size, bad_images)
-                       if i + 1 < len(starts) else None)
-            yield current_batch
-
-
 def make_feature_fn(backbone: keras.Model, jit_compile: bool = True
                     ) -> Callable[[np.ndarray], np.ndarray]:
     """The backbone's forward pass as a compiled function (XLA when ``jit_compile``).
@@ -241,6 +188,50 @@ class FeaturizeResult:
     skipped: list[dict[str, str]]
     seconds: float
     rows_per_s: float
+    devices: list[str] = field(default_factory=list)
+    """Where the backbone ran (``CPU``, ``GPU:0 (<name>)``...), one entry per distinct device."""
+    nodes: int = 1
+    """Machines the backbone ran on (engine ``ray``: distinct Ray nodes of the actors)."""
+
+
+@dataclass
+class FeatureBatch:
+    """Backbone output for consecutive plan rows: what the feature writer consumes, whichever
+    engine computed it."""
+
+    plan_rows: list[int]
+    features: np.ndarray
+    skipped: list[tuple[str, str]]
+    done: int
+    """Plan rows this batch accounts for (kept + skipped): the progress bar's step."""
+
+
+def forward_padded(forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
+                   batch_size: int) -> np.ndarray:
+    """``forward`` on ``images`` padded with zeros to ``batch_size`` rows (one compiled shape, so
+    both engines trace once and compute the same numbers); returns the real rows, float32."""
+    n = len(images)
+    padded = images
+    if n < batch_size:
+        padded = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]),
+                                                  dtype=images.dtype)])
+    return np.ascontiguousarray(forward(padded)[:n], dtype=np.float32)
+
+
+def tf_devices() -> list[str]:
+    """The devices TensorFlow computes on in this process: its GPUs if it sees any, else CPU.
+
+    Nothing in the project pins a device, so TensorFlow places the backbone on ``GPU:0`` when one
+    is visible (``pip install -e ".[gpu]"``) and on the CPU otherwise.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return ["CPU"]
+    names = []
+    for i, gpu in enumerate(gpus):
+        details = tf.config.experimental.get_device_details(gpu)
+        names.append(f"GPU:{i} ({details.get('device_name', 'unknown')})")
+    return names
 
 
 def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Model,
@@ -254,9 +245,31 @@ def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Mode
     feature_shape = tuple(int(d) for d in backbone.output_shape[1:])
     img_size = int(backbone.input_shape[1])
     forward = make_feature_fn(backbone, jit_compile=jit_compile)
+
+    def batches() -> Iterator[FeatureBatch]:
+        done = 0
+        for batch in iter_batches(plan, images_root, img_size, batch_size):
+            features = (forward_padded(forward, batch.images, batch_size) if batch.plan_rows
+                        else np.zeros((0, *feature_shape), dtype=np.float32))
+            step = min(batch_size, len(plan) - done)
+            done += step
+            yield FeatureBatch(batch.plan_rows, features, batch.skipped, step)
+
+    result = write_features(plan, out_file, feature_shape, batches(), progress=progress)
+    result.devices = tf_devices()
+    return result
+
+
+def write_features(plan: pd.DataFrame, out_file: Path, feature_shape: tuple[int, ...],
+                   batches: Iterable[FeatureBatch], progress: bool = True) -> FeaturizeResult:
+    """Stream batches, in plan order, into the ``.npy`` at ``out_file``: the one writer of the
+    feature store, so every engine produces the same files.
+
+    A path's decoding failure is listed once, however many of its rows (rotated copies) failed.
+    """
     offset = _create_npy(out_file, (len(plan), *feature_shape))
     written_rows: list[int] = []
-    skipped: list[dict[str, str]] = []
+    skipped: dict[str, str] = {}
     started = time.perf_counter()
     bar = tqdm(total=len(plan), desc="featurize", unit="img", disable=not progress,
                mininterval=2.0)
@@ -264,17 +277,16 @@ def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Mode
     # the page cache, not in this process's resident memory, which stays flat with the row count.
     with out_file.open("r+b") as handle:
         handle.seek(offset)
-        for batch in iter_batches(plan, images_root, img_size, batch_size):
-            skipped.extend({"path": p, "reason": r} for p, r in batch.skipped)
-            n = len(batch.plan_rows)
-            if n:
-                padded = batch.images
-                if n < batch_size:  # keep one compiled shape
-                    padded = np.concatenate([padded, np.zeros(
-                        (batch_size - n, *padded.shape[1:]), dtype=padded.dtype)])
-                handle.write(np.ascontiguousarray(forward(padded)[:n], dtype=np.float32).data)
+        for batch in batches:
+            for path, reason in batch.skipped:
+                skipped.setdefault(path, reason)
+            if batch.plan_rows:
+                if written_rows and batch.plan_rows[0] <= written_rows[-1]:
+                    raise PipelineError(f"{out_file}: feature rows arrived out of plan order "
+                                        f"(row {batch.plan_rows[0]} after {written_rows[-1]})")
+                handle.write(np.ascontiguousarray(batch.features, dtype=np.float32).data)
                 written_rows.extend(batch.plan_rows)
-            bar.update(min(batch_size, len(plan) - bar.n))
+            bar.update(batch.done)
             elapsed = max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(img_per_s=f"{len(written_rows) / elapsed:.1f}")
     bar.close()
@@ -284,7 +296,8 @@ def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Mode
     index = plan.iloc[written_rows].copy()
     index["row"] = np.arange(len(index), dtype=np.int64)
     return FeaturizeResult(index=index.reset_index(drop=True), feature_shape=feature_shape,
-                           skipped=skipped, seconds=seconds,
+                           skipped=[{"path": p, "reason": r} for p, r in skipped.items()],
+                           seconds=seconds,
                            rows_per_s=len(written_rows) / seconds if seconds > 0 else 0.0)
 
 
@@ -318,7 +331,8 @@ def _truncate_rows(path: Path, rows: int, chunk_bytes: int = 1 << 24) -> None:
 TIMING_KEYS: tuple[str, ...] = ("seconds", "images_per_s")
 """Kept OUT of ``info.json``: a timing inside ``data/features`` would change the output's hash on
 every run, and DVC would then re-run train/evaluate/validate although the features are
-bit-identical. The stage reports them in ``metrics/featurize.json`` instead."""
+bit-identical. The stage reports them in ``metrics/featurize.json`` instead. So is how they were
+computed (engine, devices, nodes): downstream stages must not know which engine ran."""
 
 
 def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
@@ -341,9 +355,15 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
                               seed=params.seed)
     with atomic_dir(paths.features) as folder:
         save_weights_reproducibly(backbone, folder / BACKBONE_WEIGHTS_FILE)
-        result = compute_features(plan, paths.datasets, backbone, folder / FEATURES_FILE,
-                                  params.featurize.batch_size, jit_compile=jit_compile,
-                                  progress=progress)
+        if params.featurize.engine == "ray":
+            from covid_xray.ray_featurize import compute_features_ray  # only with the [ray] extra
+
+            result = compute_features_ray(plan, paths.datasets, backbone, folder / FEATURES_FILE,
+                                          params, jit_compile=jit_compile, progress=progress)
+        else:
+            result = compute_features(plan, paths.datasets, backbone, folder / FEATURES_FILE,
+                                      params.featurize.batch_size, jit_compile=jit_compile,
+                                      progress=progress)
         if result.index.empty:
             raise PipelineError(f"{paths.datasets}: none of the {plan['path'].nunique()} images "
                                 f"could be decoded (first: {result.skipped[0]['reason']})")
@@ -366,14 +386,17 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
         }
         write_json(folder / INFO_FILE, info)
     return {**info, "seconds": round(result.seconds, 3),
-            "images_per_s": round(result.rows_per_s, 3)}
+            "images_per_s": round(result.rows_per_s, 3),
+            "engine": params.featurize.engine, "devices": result.devices, "nodes": result.nodes}
 
 
 def featurize_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """``metrics/featurize.json``: counts and throughput (numbers only, for ``dvc metrics``)."""
     keys = ("images", "rows", "rotated_rows", "manifest_rows", "external_images", *TIMING_KEYS)
     return {**{key: report[key] for key in keys}, "skipped": len(report["skipped"]),
-            "img_size": report["img_size"], "xla": int(report["jit_compile"])}
+            "img_size": report["img_size"], "xla": int(report["jit_compile"]),
+            "gpus": sum(d.startswith("GPU") for d in report["devices"]),
+            "ray_nodes": report["nodes"] if report["engine"] == "ray" else 0}
 
 
 @dataclass

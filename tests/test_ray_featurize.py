@@ -1,0 +1,147 @@
+"""featurize.engine=ray: a real two-node Ray cluster on this machine gives the local engine's bytes.
+
+The cluster is Ray's own test cluster (``ray.cluster_utils.Cluster``): a head node and a second
+node, each a real raylet with its own worker processes, connected like machines of a cluster. The
+stage runs as DVC runs it (``python -m stages.featurize``, ``RAY_ADDRESS`` set), with each actor
+asking for more than half a node's CPUs so that the two actors land on the two nodes.
+
+Ray is an optional extra (``pip install -e ".[ray]"``, pulled in by ``.[dev]``): without it these
+tests skip, except under ``CI=true``, where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from test_features import make_project
+
+from covid_xray.errors import PipelineError
+from covid_xray.params import FeaturizeParams, load_params
+
+if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+    import ray  # CI installs .[dev], which includes the ray extra: a missing Ray must fail here
+else:
+    ray = pytest.importorskip("ray", reason="Ray not installed (pip install -e '.[ray]')")
+
+from covid_xray.ray_featurize import check_resources, cluster_address
+
+RAY_PROCESSES = ("raylet", "gcs_server", "plasma_store")
+
+FEATURE_FILES = ("features.npy", "index.csv", "info.json", "backbone.weights.h5")
+
+
+def ray_children() -> list[str]:
+    """Ray daemons started by this test process (directly or through its children)."""
+    names = []
+    for child in psutil.Process().children(recursive=True):
+        with_name = child.name() if child.is_running() else ""
+        if any(daemon in with_name for daemon in RAY_PROCESSES):
+            names.append(f"{with_name} (pid {child.pid})")
+    return names
+
+
+def set_featurize(root: Path, **values: object) -> None:
+    params_file = root / "params.yaml"
+    raw = yaml.safe_load(params_file.read_text())
+    raw["featurize"].update(values)
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def run_stage(root: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                               env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                "TF_CPP_MIN_LOG_LEVEL": "2", **env_extra})
+    env.pop("COVID_XRAY_ROOT", None)
+    result = subprocess.run([sys.executable, "-m", "stages.featurize"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def feature_bytes(root: Path) -> dict[str, bytes]:
+    return {name: (root / "data" / "features" / name).read_bytes() for name in FEATURE_FILES}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_two_node_cluster_writes_the_local_engines_bytes(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    paths = make_project(root, n_train=12, n_heldout=2, n_external=3)
+    broken = paths.datasets / "heldout" / "covid" / "heldout-covid00.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # truncated: both engines must skip and list it
+    set_featurize(root, batch_size=8)
+    run_stage(root, {})
+    local = feature_bytes(root)
+    local_metrics = json.loads((root / "metrics" / "featurize.json").read_text())
+    assert local_metrics["skipped"] == 1 and local_metrics["ray_nodes"] == 0
+
+    from ray.cluster_utils import Cluster
+
+    # Each actor asks for 2 of a node's 3 CPUs, so the two actors must sit on different nodes;
+    # the third CPU of each node is left for decoding tasks (Ray would wait forever without).
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3},
+                      shutdown_at_exit=True)
+    try:
+        cluster.add_node(num_cpus=3)
+        cluster.wait_for_nodes()
+        address = cluster.address
+        set_featurize(root, engine="ray", workers=2, cpus_per_worker=2.0)
+        result = run_stage(root, {"RAY_ADDRESS": address})
+    finally:
+        cluster.shutdown()
+    assert not ray_children(), f"Ray processes left running: {ray_children()}"
+
+    assert feature_bytes(root) == local  # features, index, info and weights: byte for byte
+    metrics = json.loads((root / "metrics" / "featurize.json").read_text())
+    assert metrics["ray_nodes"] == 2, metrics  # one actor per node: really two machines' work
+    assert metrics["rows"] == local_metrics["rows"] and metrics["skipped"] == 1
+    assert f"the Ray cluster at {address}" in result.stderr
+    assert "engine ray, 2 node(s)" in result.stderr
+    assert "heldout/covid/heldout-covid00.png" in result.stderr  # the skipped file, listed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_embedded_ray_matches_and_is_shut_down(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No address anywhere: featurize starts its own Ray here, and stops it before returning."""
+    from covid_xray.features import featurize
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    paths = make_project(tmp_path, n_train=6, n_heldout=1, n_external=2)
+    local = featurize(paths, load_params(paths.params), progress=False)
+    expected = feature_bytes(tmp_path)
+    set_featurize(tmp_path, engine="ray", workers=1)
+    report = featurize(paths, load_params(paths.params), progress=False)
+    assert not ray.is_initialized()
+    assert not ray_children(), f"Ray processes left running: {ray_children()}"
+    assert feature_bytes(tmp_path) == expected
+    assert (report["engine"], report["nodes"], report["devices"]) == ("ray", 1, local["devices"])
+
+
+def test_address_comes_from_params_then_the_environment() -> None:
+    assert cluster_address(FeaturizeParams(ray_address=" auto "), {"RAY_ADDRESS": "x:1"}) == "auto"
+    assert cluster_address(FeaturizeParams(), {"RAY_ADDRESS": "10.0.0.5:6379"}) == "10.0.0.5:6379"
+    assert cluster_address(FeaturizeParams(), {}) == ""  # embedded Ray
+
+
+def test_a_pool_the_cluster_cannot_hold_is_refused_by_name() -> None:
+    """Ray would wait forever for resources that never come; the stage names the params."""
+    settings = FeaturizeParams(engine="ray", workers=4, cpus_per_worker=1.0)
+    with pytest.raises(PipelineError, match=r"featurize.workers=4 x featurize.cpus_per_worker=1 "
+                                            r".* need 5 logical CPUs; the test cluster has 4"):
+        check_resources(settings, {"CPU": 4.0}, "the test cluster")
+    check_resources(settings, {"CPU": 5.0}, "the test cluster")
+    gpu = FeaturizeParams(engine="ray", workers=2, gpus_per_worker=1.0)
+    with pytest.raises(PipelineError, match=r"featurize.gpus_per_worker=1 need 2 GPUs; .* has 0"):
+        check_resources(gpu, {"CPU": 16.0}, "this machine")
+    check_resources(gpu, {"CPU": 16.0, "GPU": 2.0}, "this machine")
