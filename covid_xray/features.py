@@ -43,7 +43,7 @@ from covid_xray.io import (
     write_csv,
     write_json,
 )
-from covid_xray.modeling import build_backbone
+from covid_xray.modeling import build_backbone, tf_devices
 from covid_xray.params import Params
 from covid_xray.tf_runtime import keras, tf
 
@@ -216,22 +216,6 @@ def forward_padded(forward: Callable[[np.ndarray], np.ndarray], images: np.ndarr
         padded = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]),
                                                   dtype=images.dtype)])
     return np.ascontiguousarray(forward(padded)[:n], dtype=np.float32)
-
-
-def tf_devices() -> list[str]:
-    """The devices TensorFlow computes on in this process: its GPUs if it sees any, else CPU.
-
-    Nothing in the project pins a device, so TensorFlow places the backbone on ``GPU:0`` when one
-    is visible (``pip install -e ".[gpu]"``) and on the CPU otherwise.
-    """
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return ["CPU"]
-    names = []
-    for i, gpu in enumerate(gpus):
-        details = tf.config.experimental.get_device_details(gpu)
-        names.append(f"GPU:{i} ({details.get('device_name', 'unknown')})")
-    return names
 
 
 def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Model,

@@ -96,6 +96,24 @@ def build_backbone(backbone: str, img_size: int, weights: str, seed: int) -> ker
     return keras.Model(base.input, base.output, name="backbone")
 
 
+def tf_devices() -> list[str]:
+    """The devices TensorFlow computes on in this process: its GPUs if it sees any, else CPU.
+
+    Nothing in the project pins a device, so TensorFlow places the backbone on ``GPU:0`` when one
+    is visible (``pip install -e ".[gpu]"``) and on the CPU otherwise.
+    """
+    import tensorflow as tf  # already imported with keras; only its device listing is needed
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return ["CPU"]
+    names = []
+    for i, gpu in enumerate(gpus):
+        details = tf.config.experimental.get_device_details(gpu)
+        names.append(f"GPU:{i} ({details.get('device_name', 'unknown')})")
+    return names
+
+
 def pooled_features(feature_maps: np.ndarray, pool_size: int) -> np.ndarray:
     """What the head's AveragePooling2D(padding="same") + Flatten produce, in NumPy.
 

@@ -151,8 +151,8 @@ class BackboneActor:
     def __init__(self, backbone: str, img_size: int, seed: int, weights: list[Any],
                  jit_compile: bool, batch_size: int) -> None:
         # TensorFlow only here: the actors need it, the decoding tasks do not.
-        from covid_xray.features import make_feature_fn, tf_devices
-        from covid_xray.modeling import build_backbone
+        from covid_xray.features import make_feature_fn
+        from covid_xray.modeling import build_backbone, tf_devices
 
         model = build_backbone(backbone, img_size, "none", seed=seed)
         model.set_weights(ray.get(weights[0]))  # the driver's exact weights, whatever their source
@@ -161,6 +161,10 @@ class BackboneActor:
         self.batch_size = batch_size
         self.node = ray.get_runtime_context().get_node_id()
         self.device = ", ".join(tf_devices())
+        granted = ray.get_gpu_ids()
+        if granted and self.device == "CPU":  # e.g. the CPU-only TensorFlow on a GPU node
+            self.device = (f"CPU, not the GPU {', '.join(map(str, granted))} Ray gave this actor "
+                           "(TensorFlow sees no GPU: pip install -e \".[gpu]\" on that node)")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from covid_xray.features import forward_padded
@@ -224,6 +228,9 @@ def compute_features_ray(plan: pd.DataFrame, images_root: Path, backbone: keras.
                                    skipped, len(ok))
 
         result = write_features(plan, out_file, feature_shape, batches(), progress=progress)
+    for device in sorted(devices):
+        if "Ray gave" in device:
+            log.warning("an actor ran on the %s", device)
     result.devices = sorted(devices)
     result.nodes = len(nodes)
     return result

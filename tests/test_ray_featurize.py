@@ -3,7 +3,8 @@
 The cluster is Ray's own test cluster (``ray.cluster_utils.Cluster``): a head node and a second
 node, each a real raylet with its own worker processes, connected like machines of a cluster. The
 stage runs as DVC runs it (``python -m stages.featurize``, ``RAY_ADDRESS`` set), with each actor
-asking for more than half a node's CPUs so that the two actors land on the two nodes.
+asking for a GPU, and each node declaring one, so that the two actors land on the two nodes (the
+GPUs are Ray's bookkeeping here: TensorFlow computes on the CPU, and the stage says so).
 
 Ray is an optional extra (``pip install -e ".[ray]"``, pulled in by ``.[dev]``): without it these
 tests skip, except under ``CI=true``, where they fail.
@@ -85,15 +86,16 @@ def test_two_node_cluster_writes_the_local_engines_bytes(tmp_path: Path) -> None
 
     from ray.cluster_utils import Cluster
 
-    # Each actor asks for 2 of a node's 3 CPUs, so the two actors must sit on different nodes;
-    # the third CPU of each node is left for decoding tasks (Ray would wait forever without).
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3},
+    # One (logical) GPU per node and one per actor: the two actors must sit on different nodes,
+    # and each is given its node's GPU, which this machine's CPU-only TensorFlow cannot use (the
+    # stage says so). The nodes' spare CPUs run the decoding tasks.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "num_gpus": 1},
                       shutdown_at_exit=True)
     try:
-        cluster.add_node(num_cpus=3)
+        cluster.add_node(num_cpus=3, num_gpus=1)
         cluster.wait_for_nodes()
         address = cluster.address
-        set_featurize(root, engine="ray", workers=2, cpus_per_worker=2.0)
+        set_featurize(root, engine="ray", workers=2, cpus_per_worker=1.0, gpus_per_worker=1.0)
         result = run_stage(root, {"RAY_ADDRESS": address})
     finally:
         cluster.shutdown()
@@ -105,6 +107,7 @@ def test_two_node_cluster_writes_the_local_engines_bytes(tmp_path: Path) -> None
     assert metrics["rows"] == local_metrics["rows"] and metrics["skipped"] == 1
     assert f"the Ray cluster at {address}" in result.stderr
     assert "engine ray, 2 node(s)" in result.stderr
+    assert "an actor ran on the CPU, not the GPU 0 Ray gave this actor" in result.stderr
     assert "heldout/covid/heldout-covid00.png" in result.stderr  # the skipped file, listed
 
 
