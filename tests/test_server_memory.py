@@ -27,7 +27,7 @@ import pytest
 import requests
 from conftest import sample_dir
 
-from covid_xray.predict import demo_images_by_class
+from covid_xray.testing import demo_images_by_class
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 180
