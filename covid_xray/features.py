@@ -319,6 +319,20 @@ bit-identical. The stage reports them in ``metrics/featurize.json`` instead. So 
 computed (engine, devices, nodes): downstream stages must not know which engine ran."""
 
 
+def ray_engine() -> Callable[..., FeaturizeResult]:
+    """:func:`covid_xray.ray_featurize.compute_features_ray`, imported only for engine ``ray``
+    (Ray is an extra); without Ray, a one-line error saying how to install it."""
+    try:
+        from covid_xray.ray_featurize import compute_features_ray
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "ray":
+            raise
+        raise PipelineError("featurize.engine=ray: Ray is not installed here; "
+                            "`pip install -e \".[ray]\"` (on every node of the cluster too), or "
+                            "set featurize.engine: local") from None
+    return compute_features_ray
+
+
 def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
               progress: bool = True) -> dict[str, Any]:
     """The featurize stage: manifest -> ``data/features/`` (written whole, atomically).
@@ -328,6 +342,7 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
     """
     if jit_compile is None:
         jit_compile = use_xla(params.model.img_size)
+    compute_ray = ray_engine() if params.featurize.engine == "ray" else None  # before any work
     manifest = read_manifest(paths.manifest)
     externals = external_sets(params.validate.external, paths.root)  # fail before any work
     plan = plan_rows(with_external(manifest, externals, paths.datasets),
@@ -339,11 +354,9 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
                               seed=params.seed)
     with atomic_dir(paths.features) as folder:
         save_weights_reproducibly(backbone, folder / BACKBONE_WEIGHTS_FILE)
-        if params.featurize.engine == "ray":
-            from covid_xray.ray_featurize import compute_features_ray  # only with the [ray] extra
-
-            result = compute_features_ray(plan, paths.datasets, backbone, folder / FEATURES_FILE,
-                                          params, jit_compile=jit_compile, progress=progress)
+        if compute_ray is not None:
+            result = compute_ray(plan, paths.datasets, backbone, folder / FEATURES_FILE,
+                                 params, jit_compile=jit_compile, progress=progress)
         else:
             result = compute_features(plan, paths.datasets, backbone, folder / FEATURES_FILE,
                                       params.featurize.batch_size, jit_compile=jit_compile,

@@ -148,3 +148,18 @@ def test_a_pool_the_cluster_cannot_hold_is_refused_by_name() -> None:
     with pytest.raises(PipelineError, match=r"featurize.gpus_per_worker=1 need 2 GPUs; .* has 0"):
         check_resources(gpu, {"CPU": 16.0}, "this machine")
     check_resources(gpu, {"CPU": 16.0, "GPU": 2.0}, "this machine")
+
+
+def test_engine_ray_without_ray_installed_says_how_to_install_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from covid_xray.features import featurize
+
+    monkeypatch.chdir(tmp_path)
+    paths = make_project(tmp_path, n_train=6, n_heldout=1, n_external=2)
+    set_featurize(tmp_path, engine="ray")
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as on a machine without it
+    monkeypatch.delitem(sys.modules, "covid_xray.ray_featurize", raising=False)
+    with pytest.raises(PipelineError, match=r"featurize.engine=ray: Ray is not installed here; "
+                                            r"`pip install -e \"\.\[ray\]\"`"):
+        featurize(paths, load_params(paths.params), progress=False)
+    assert not paths.features.exists()  # stopped before any work
