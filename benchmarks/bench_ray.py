@@ -29,7 +29,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from covid_xray.features import FeaturizeResult, compute_features, plan_rows, use_xla
+from covid_xray.feature_io import FeaturizeResult
+from covid_xray.features import compute_features, plan_rows, use_xla
 from covid_xray.modeling import build_backbone
 from covid_xray.params import parse_params
 from covid_xray.ray_featurize import compute_features_ray

@@ -9,8 +9,11 @@ image (the seed's rotation augmentation, drawn once instead of per epoch). The i
 image the later stages report on, and evaluate/validate never run the backbone.
 
 Images are streamed from disk in batches into a ``.npy`` memmap, so memory does not grow with the
-number of images. Nothing here depends on head or training params (dropout, learning rate, epochs,
-batch size, dense nodes, pool size): changing those never re-runs this stage.
+number of images (reading and writing: :mod:`covid_xray.feature_io`). ``featurize.engine`` picks
+who runs the backbone: this process (``local``) or a Ray cluster (``ray``,
+:mod:`covid_xray.ray_featurize`); both write the same bytes. Nothing here depends on head or
+training params (dropout, learning rate, epochs, batch size, dense nodes, pool size): changing
+those never re-runs this stage.
 
 Layout of ``data/features/`` (docs/contracts.md): ``features.npy`` float32 ``(rows, f, f, C)``,
 ``index.csv`` (``row, sha256, path, copy, angle``), ``backbone.weights.h5``, ``info.json``.
@@ -20,22 +23,26 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from covid_xray import splitting
 from covid_xray.config import Paths
 from covid_xray.datasets import external_sets
 from covid_xray.errors import PipelineError
-from covid_xray.feature_inputs import iter_batches
+from covid_xray.feature_io import (
+    FeatureBatch,
+    FeaturizeResult,
+    forward_padded,
+    iter_batches,
+    write_features,
+)
 from covid_xray.io import (
     atomic_dir,
     read_json,
@@ -43,9 +50,13 @@ from covid_xray.io import (
     write_csv,
     write_json,
 )
-from covid_xray.modeling import build_backbone, tf_devices
+from covid_xray.modeling import (
+    build_backbone,
+    make_feature_fn,
+    tf_devices,
+)
 from covid_xray.params import Params
-from covid_xray.tf_runtime import keras, tf
+from covid_xray.tf_runtime import keras
 
 log = logging.getLogger("covid_xray.features")
 
@@ -125,24 +136,6 @@ def plan_rows(manifest: pd.DataFrame, augment_copies: int, rotation_deg: float,
     return plan
 
 
-def make_feature_fn(backbone: keras.Model, jit_compile: bool = True
-                    ) -> Callable[[np.ndarray], np.ndarray]:
-    """The backbone's forward pass as a compiled function (XLA when ``jit_compile``).
-
-    Measured on the 2-core build machine at 224 px: Keras ``predict`` 3.4 img/s, ``tf.function``
-    3.8, with XLA 4.7 (docs/dvc-keras-notes.md). Batches must have a fixed shape (pad the last
-    one) so the function is traced and compiled once.
-    """
-    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-    def forward(images: tf.Tensor) -> tf.Tensor:
-        return backbone(images, training=False)
-
-    def call(images: np.ndarray) -> np.ndarray:
-        return np.asarray(forward(tf.convert_to_tensor(images)))
-
-    return call
-
-
 def save_weights_reproducibly(model: keras.Model, path: Path) -> None:
     """``model.save_weights(path)``, minus the HDF5 object timestamps Keras leaves in.
 
@@ -179,45 +172,6 @@ def _copy_h5_group(source: h5py.Group, target: h5py.Group) -> None:
                 dataset.attrs[key] = item.attrs[key]
 
 
-@dataclass
-class FeaturizeResult:
-    """What ``compute_features`` wrote and how fast."""
-
-    index: pd.DataFrame
-    feature_shape: tuple[int, ...]
-    skipped: list[dict[str, str]]
-    seconds: float
-    rows_per_s: float
-    devices: list[str] = field(default_factory=list)
-    """Where the backbone ran (``CPU``, ``GPU:0 (<name>)``...), one entry per distinct device."""
-    nodes: int = 1
-    """Machines the backbone ran on (engine ``ray``: distinct Ray nodes of the actors)."""
-
-
-@dataclass
-class FeatureBatch:
-    """Backbone output for consecutive plan rows: what the feature writer consumes, whichever
-    engine computed it."""
-
-    plan_rows: list[int]
-    features: np.ndarray
-    skipped: list[tuple[str, str]]
-    done: int
-    """Plan rows this batch accounts for (kept + skipped): the progress bar's step."""
-
-
-def forward_padded(forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
-                   batch_size: int) -> np.ndarray:
-    """``forward`` on ``images`` padded with zeros to ``batch_size`` rows (one compiled shape, so
-    both engines trace once and compute the same numbers); returns the real rows, float32."""
-    n = len(images)
-    padded = images
-    if n < batch_size:
-        padded = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]),
-                                                  dtype=images.dtype)])
-    return np.ascontiguousarray(forward(padded)[:n], dtype=np.float32)
-
-
 def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Model,
                      out_file: Path, batch_size: int, jit_compile: bool = True,
                      progress: bool = True) -> FeaturizeResult:
@@ -242,74 +196,6 @@ def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Mode
     result = write_features(plan, out_file, feature_shape, batches(), progress=progress)
     result.devices = tf_devices()
     return result
-
-
-def write_features(plan: pd.DataFrame, out_file: Path, feature_shape: tuple[int, ...],
-                   batches: Iterable[FeatureBatch], progress: bool = True) -> FeaturizeResult:
-    """Stream batches, in plan order, into the ``.npy`` at ``out_file``: the one writer of the
-    feature store, so every engine produces the same files.
-
-    A path's decoding failure is listed once, however many of its rows (rotated copies) failed.
-    """
-    offset = _create_npy(out_file, (len(plan), *feature_shape))
-    written_rows: list[int] = []
-    skipped: dict[str, str] = {}
-    started = time.perf_counter()
-    bar = tqdm(total=len(plan), desc="featurize", unit="img", disable=not progress,
-               mininterval=2.0)
-    # Plain sequential writes after the header, not a writable memmap: written pages then sit in
-    # the page cache, not in this process's resident memory, which stays flat with the row count.
-    with out_file.open("r+b") as handle:
-        handle.seek(offset)
-        for batch in batches:
-            for path, reason in batch.skipped:
-                skipped.setdefault(path, reason)
-            if batch.plan_rows:
-                if written_rows and batch.plan_rows[0] <= written_rows[-1]:
-                    raise PipelineError(f"{out_file}: feature rows arrived out of plan order "
-                                        f"(row {batch.plan_rows[0]} after {written_rows[-1]})")
-                handle.write(np.ascontiguousarray(batch.features, dtype=np.float32).data)
-                written_rows.extend(batch.plan_rows)
-            bar.update(batch.done)
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(img_per_s=f"{len(written_rows) / elapsed:.1f}")
-    bar.close()
-    seconds = time.perf_counter() - started
-    if len(written_rows) < len(plan):
-        _truncate_rows(out_file, len(written_rows))
-    index = plan.iloc[written_rows].copy()
-    index["row"] = np.arange(len(index), dtype=np.int64)
-    return FeaturizeResult(index=index.reset_index(drop=True), feature_shape=feature_shape,
-                           skipped=[{"path": p, "reason": r} for p, r in skipped.items()],
-                           seconds=seconds,
-                           rows_per_s=len(written_rows) / seconds if seconds > 0 else 0.0)
-
-
-def _create_npy(path: Path, shape: tuple[int, ...]) -> int:
-    """Create a float32 ``.npy`` of ``shape`` (header + sparse zero data); returns the data
-    offset in bytes."""
-    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape).flush()
-    return _npy_offset(path)
-
-
-def _npy_offset(path: Path) -> int:
-    return int(np.load(path, mmap_mode="r").offset)
-
-
-def _truncate_rows(path: Path, rows: int, chunk_bytes: int = 1 << 24) -> None:
-    """Rewrite a ``.npy`` keeping its first ``rows`` rows (rare: only after skipped images)."""
-    source_shape = np.load(path, mmap_mode="r").shape
-    shorter = path.with_name(path.name + ".short")
-    target_offset = _create_npy(shorter, (rows, *source_shape[1:]))
-    remaining = rows * int(np.prod(source_shape[1:])) * 4
-    with path.open("rb") as source, shorter.open("r+b") as target:
-        source.seek(_npy_offset(path))
-        target.seek(target_offset)
-        while remaining > 0:
-            chunk = source.read(min(chunk_bytes, remaining))
-            target.write(chunk)
-            remaining -= len(chunk)
-    os.replace(shorter, path)
 
 
 TIMING_KEYS: tuple[str, ...] = ("seconds", "images_per_s")

@@ -4,7 +4,7 @@ Ray Data's batch-inference recipe, with the project's own pieces:
 
 - a dataset of the plan's rows (``row, path, angle``: a few bytes each; the images stay on disk);
 - ``map_batches`` tasks decode, resize and rotate each batch with
-  :func:`covid_xray.feature_inputs.prepare_batch`, the local engine's function (TensorFlow-free:
+  :func:`covid_xray.feature_io.prepare_batch`, the local engine's function (TensorFlow-free:
   decoding workers stay light);
 - ``map_batches`` with a callable class in an actor pool (``featurize.workers`` actors, each
   asking ``featurize.cpus_per_worker`` CPUs and ``featurize.gpus_per_worker`` GPUs): every actor
@@ -12,7 +12,7 @@ Ray Data's batch-inference recipe, with the project's own pieces:
   store, so workers need no weights file), then runs the local engine's compiled forward pass on
   the same fixed batch shape;
 - the driver streams the results in plan order (``preserve_order``) into the one feature writer,
-  :func:`covid_xray.features.write_features`: same files, same order, same bytes, bounded memory.
+  :func:`covid_xray.feature_io.write_features`: same files, same order, same bytes, bounded memory.
 
 Where it runs: ``featurize.ray_address`` if set, else ``RAY_ADDRESS``, else an embedded Ray started
 here and shut down afterwards. Every node reads the images at the driver's absolute path
@@ -37,11 +37,16 @@ import ray
 import ray.data
 
 from covid_xray.errors import PipelineError
-from covid_xray.feature_inputs import prepare_batch
+from covid_xray.feature_io import (
+    FeatureBatch,
+    FeaturizeResult,
+    forward_padded,
+    prepare_batch,
+    write_features,
+)
 from covid_xray.params import FeaturizeParams, Params
 
 if TYPE_CHECKING:
-    from covid_xray.features import FeaturizeResult
     from covid_xray.tf_runtime import keras
 
 log = logging.getLogger("covid_xray.ray_featurize")
@@ -151,8 +156,7 @@ class BackboneActor:
     def __init__(self, backbone: str, img_size: int, seed: int, weights: list[Any],
                  jit_compile: bool, batch_size: int) -> None:
         # TensorFlow only here: the actors need it, the decoding tasks do not.
-        from covid_xray.features import make_feature_fn
-        from covid_xray.modeling import build_backbone, tf_devices
+        from covid_xray.modeling import build_backbone, make_feature_fn, tf_devices
 
         model = build_backbone(backbone, img_size, "none", seed=seed)
         model.set_weights(ray.get(weights[0]))  # the driver's exact weights, whatever their source
@@ -167,8 +171,6 @@ class BackboneActor:
                            "(TensorFlow sees no GPU: pip install -e \".[gpu]\" on that node)")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from covid_xray.features import forward_padded
-
         ok = np.asarray(batch["ok"], dtype=bool)
         features = np.zeros((len(ok), *self.feature_shape), dtype=np.float32)
         if ok.any():
@@ -183,8 +185,6 @@ def compute_features_ray(plan: pd.DataFrame, images_root: Path, backbone: keras.
                          out_file: Path, params: Params, jit_compile: bool = True,
                          progress: bool = True) -> FeaturizeResult:
     """:func:`covid_xray.features.compute_features` on Ray Data: same arguments, same files."""
-    from covid_xray.features import FeatureBatch, write_features
-
     settings = params.featurize
     feature_shape = tuple(int(d) for d in backbone.output_shape[1:])
     img_size = int(backbone.input_shape[1])
