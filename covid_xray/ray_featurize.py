@@ -131,14 +131,24 @@ def check_resources(params: FeaturizeParams, available: dict[str, float], where:
 
 def decode_batch(batch: dict[str, np.ndarray], images_root: str,
                  img_size: int) -> dict[str, np.ndarray]:
-    """Ray task: decode one batch of plan rows; undecodable rows get ``ok=False`` and a reason."""
+    """Ray task: decode one batch of plan rows; undecodable rows get ``ok=False`` and a reason.
+
+    A node that cannot see the data folder at all is not a bad image: its rows carry the problem
+    in ``fatal``, and the driver stops with that one line (an exception raised here would reach
+    the driver wrapped in Ray's remote tracebacks, with the message's type lost).
+    """
     root = Path(images_root)
-    if not root.is_dir():
-        raise PipelineError(
-            f"{root}: not found on Ray node {ray.get_runtime_context().get_node_id()[:12]} "
-            f"(host {os.uname().nodename}): every node reads the images at the driver's path; "
-            "share data/datasets there (NFS, a cloud file system) or `dvc pull` it on each node")
     rows = np.asarray(batch["row"], dtype=np.int64)
+    if not root.is_dir():
+        fatal = (f"{root}: not found on Ray node "
+                 f"{ray.get_runtime_context().get_node_id()[:12]} (host {os.uname().nodename}): "
+                 "every node reads the images at the driver's path; share data/datasets there "
+                 "(NFS, a cloud file system) or `dvc pull` it on each node")
+        return {"row": rows, "path": np.asarray(batch["path"], dtype=object),
+                "ok": np.zeros(len(rows), dtype=bool),
+                "reason": np.full(len(rows), "", dtype=object),
+                "fatal": np.full(len(rows), fatal, dtype=object),
+                "image": np.zeros((len(rows), img_size, img_size, 3), dtype=np.float32)}
     plan = pd.DataFrame({"row": rows, "path": batch["path"], "angle": batch["angle"]})
     prepared = prepare_batch(plan, 0, len(plan), root, img_size, {})
     ok = np.isin(rows, np.asarray(prepared.plan_rows, dtype=np.int64))
@@ -147,7 +157,7 @@ def decode_batch(batch: dict[str, np.ndarray], images_root: str,
     reasons = dict(prepared.skipped)
     return {"row": rows, "path": plan["path"].to_numpy(dtype=object), "ok": ok,
             "reason": np.array([reasons.get(p, "") for p in plan["path"]], dtype=object),
-            "image": images}
+            "fatal": np.full(len(rows), "", dtype=object), "image": images}
 
 
 class BackboneActor:
@@ -177,7 +187,8 @@ class BackboneActor:
             features[ok] = forward_padded(self.forward, batch["image"][ok], self.batch_size)
         n = len(ok)
         return {"row": batch["row"], "path": batch["path"], "ok": ok, "reason": batch["reason"],
-                "features": features, "node": np.full(n, self.node, dtype=object),
+                "fatal": batch["fatal"], "features": features,
+                "node": np.full(n, self.node, dtype=object),
                 "device": np.full(n, self.device, dtype=object)}
 
 
@@ -219,6 +230,9 @@ def compute_features_ray(plan: pd.DataFrame, images_root: Path, backbone: keras.
         def batches() -> Iterator[FeatureBatch]:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy",
                                               prefetch_batches=1):
+                fatal = next((str(f) for f in batch["fatal"] if f), "")
+                if fatal:
+                    raise PipelineError(fatal)
                 ok = np.asarray(batch["ok"], dtype=bool)
                 nodes.update(batch["node"])
                 devices.update(batch["device"])

@@ -163,3 +163,28 @@ def test_engine_ray_without_ray_installed_says_how_to_install_it(
                                             r"`pip install -e \"\.\[ray\]\"`"):
         featurize(paths, load_params(paths.params), progress=False)
     assert not paths.features.exists()  # stopped before any work
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_images_missing_on_a_node_is_one_line_naming_node_and_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that does not see the data folder: the worker's own error reaches the stage as
+    one line (not Ray's wrapped remote traceback), naming the node, the path and the fix."""
+    from covid_xray.features import plan_rows, read_manifest
+    from covid_xray.modeling import build_backbone
+    from covid_xray.ray_featurize import compute_features_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    paths = make_project(tmp_path, n_train=3, n_heldout=1, n_external=1)
+    set_featurize(tmp_path, engine="ray")
+    plan = plan_rows(read_manifest(paths.manifest), 0, 15.0, seed=0)
+    backbone = build_backbone("vgg16", 32, "none", seed=0)
+    elsewhere = tmp_path / "not-mounted-here"
+    with pytest.raises(PipelineError) as caught:
+        compute_features_ray(plan, elsewhere, backbone, tmp_path / "features.npy",
+                             load_params(paths.params), progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{elsewhere}: not found on Ray node ")
+    assert "share data/datasets there" in message
+    assert not ray.is_initialized() and not ray_children()
