@@ -166,7 +166,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SettingError(f"cannot listen on {args.host}:{args.port}: "
                            f"{exc.strerror or exc}") from None
     names = ", ".join(f"{m.name} ({m.version()['sha256']})" for m in service.models)
-    print(f"covid-xray: models {names}; serving http://{args.host}:{args.port}/ "
+    from covid_xray.modeling import tf_devices  # loaded with the models: TensorFlow is imported
+
+    print(f"covid-xray: models {names} on {', '.join(tf_devices())}; "
+          f"serving http://{args.host}:{args.port}/ "
           f"(connection limit {args.connection_limit}, idle timeout {args.channel_timeout} s)",
           flush=True)
     server.run()

@@ -27,7 +27,7 @@ import os
 import re
 import socket
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from covid_xray.model_info import (  # noqa: F401  (re-exported: the saved-model
     info_path,
     read_model_info,
 )
-from covid_xray.tf_runtime import keras
+from covid_xray.tf_runtime import keras, tf
 
 _IMAGENET_FILES = {
     "vgg16": "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -303,6 +303,40 @@ def build_backbone(backbone: str, img_size: int, weights: str, seed: int) -> ker
     base.trainable = False
     # Single tensors in and out (not one-element lists): no input-structure warning per call.
     return keras.Model(base.input, base.output, name="backbone")
+
+
+def make_feature_fn(backbone: keras.Model, jit_compile: bool = True
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+    """The backbone's forward pass as a compiled function (XLA when ``jit_compile``).
+
+    Measured on the 2-core build machine at 224 px: Keras ``predict`` 3.4 img/s, ``tf.function``
+    3.8, with XLA 4.7 (docs/dvc-keras-notes.md). Batches must have a fixed shape (pad the last
+    one) so the function is traced and compiled once.
+    """
+    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+    def forward(images: tf.Tensor) -> tf.Tensor:
+        return backbone(images, training=False)
+
+    def call(images: np.ndarray) -> np.ndarray:
+        return np.asarray(forward(tf.convert_to_tensor(images)))
+
+    return call
+
+
+def tf_devices() -> list[str]:
+    """The devices TensorFlow computes on in this process: its GPUs if it sees any, else CPU.
+
+    Nothing in the project pins a device, so TensorFlow places the backbone on ``GPU:0`` when one
+    is visible (``pip install -e ".[gpu]"``) and on the CPU otherwise.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return ["CPU"]
+    names = []
+    for i, gpu in enumerate(gpus):
+        details = tf.config.experimental.get_device_details(gpu)
+        names.append(f"GPU:{i} ({details.get('device_name', 'unknown')})")
+    return names
 
 
 def pooled_features(feature_maps: np.ndarray, pool_size: int) -> np.ndarray:

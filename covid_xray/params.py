@@ -48,6 +48,7 @@ Backbone = Literal["vgg16", "mobilenetv2"]
 ThresholdRule = Literal["youden", "target_sensitivity", "argmax"]
 Equalize = Literal["none", "hist", "clahe"]
 ResizeMode = Literal["stretch", "pad", "center_crop"]
+FeaturizeEngine = Literal["local", "ray"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 
@@ -303,6 +304,24 @@ class FeaturizeParams(_Section):
     augment_copies: Whole = Field(2, ge=0, le=64, description=(
         "rotated copies per training image, featurized once"))
     batch_size: Whole = Field(16, ge=1, le=4096, description="images per backbone batch")
+    engine: FeaturizeEngine = Field("local", description=(
+        "`local` (one process) or `ray` (Ray Data: decoding tasks and backbone actors on a Ray "
+        "cluster; same features, bit for bit)"))
+    ray_address: StrictStr = Field("", description=(
+        "Ray cluster to connect to (`auto`, `ray://host:10001`, `host:6379`); empty: the "
+        "RAY_ADDRESS environment variable, else an embedded Ray on this machine"))
+    workers: Whole = Field(1, ge=1, le=4096, description=(
+        "backbone actors (engine `ray`): each holds the model once"))
+    cpus_per_worker: Number = Field(1.0, gt=0, le=1024, description=(
+        "logical CPUs Ray reserves per actor (engine `ray`); the node's core count gives each "
+        "actor a whole node"))
+    gpus_per_worker: Number = Field(0.0, ge=0, le=64, description=(
+        "GPUs per actor (engine `ray`; fractions share a GPU); 0: CPU actors"))
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_case(cls, value: Any) -> Any:
+        return _lower(value)
 
 
 @dataclass(config=_CONFIG)

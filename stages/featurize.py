@@ -29,9 +29,11 @@ def main() -> None:
                            paths.root)
     info = featurize(paths, params)
     write_json(paths.metrics / "featurize.json", featurize_metrics(info))
-    log.info("featurized %d images -> %d rows (%d rotated copies) %s in %.1f s, %.2f images/s; "
-             "%d skipped", info["images"], info["rows"], info["rotated_rows"],
-             tuple(info["feature_shape"]), info["seconds"], info["images_per_s"],
+    log.info("featurized %d images -> %d rows (%d rotated copies) %s in %.1f s, %.2f images/s "
+             "on %s (engine %s%s); %d skipped", info["images"], info["rows"],
+             info["rotated_rows"], tuple(info["feature_shape"]), info["seconds"],
+             info["images_per_s"], ", ".join(info["devices"]), info["engine"],
+             f", {info['nodes']} node(s)" if info["engine"] == "ray" else "",
              len(info["skipped"]))
     for item in info["skipped"]:
         log.warning("skipped %s: %s", item["path"], item["reason"])
