@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import requests
 from tqdm import tqdm
 
-from covid_xray.config import Paths, resolve_path
+from covid_xray.config import NO_EXTERNAL_FILE, Paths, resolve_path
 from covid_xray.errors import PipelineError
 from covid_xray.io import atomic_dir, read_json, sha256_file, write_json, write_text
 from covid_xray.junk import JUNK_KINDS, MACOSX_DIR, junk_kind
@@ -55,7 +55,6 @@ COVID_DIR = "covid-chestxray-dataset"
 KERMANY_DIR = "chest_xray"
 EXTERNAL_DIR = "external"
 SOURCE_FILE = "SOURCE.json"
-NO_EXTERNAL_FILE = ".no-external-set"
 """Written into ``data/raw/external/`` when the source has no external set: DVC warns "'data/raw/
 external' is empty" for an empty folder dependency (audit, featurize and validate depend on it).
 Hidden, so the stages that list external images never see it."""
