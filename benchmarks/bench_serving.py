@@ -183,7 +183,7 @@ def main() -> None:
             group = service.groups[0]
             from covid_xray import imaging
 
-            batch = imaging.prepare_image(data, group.img_size)[np.newaxis]
+            batch = group.prepare(imaging.decode_image(data))
             models_only = []
             for _ in range(args.requests // 2):
                 models_only.append(timed(lambda: group.run(batch)))

@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import requests
 from tqdm import tqdm
 
-from covid_xray.config import Paths, resolve_path
+from covid_xray.config import NO_EXTERNAL_FILE, Paths, resolve_path
 from covid_xray.errors import PipelineError
 from covid_xray.io import atomic_dir, read_json, sha256_file, write_json, write_text
 from covid_xray.junk import JUNK_KINDS, MACOSX_DIR, junk_kind
@@ -55,6 +55,9 @@ COVID_DIR = "covid-chestxray-dataset"
 KERMANY_DIR = "chest_xray"
 EXTERNAL_DIR = "external"
 SOURCE_FILE = "SOURCE.json"
+"""Written into ``data/raw/external/`` when the source has no external set: DVC warns "'data/raw/
+external' is empty" for an empty folder dependency (audit, featurize and validate depend on it).
+Hidden, so the stages that list external images never see it."""
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 KERMANY_SPLITS = ("train", "test")
 KERMANY_LABELS = ("NORMAL", "PNEUMONIA")
@@ -168,13 +171,23 @@ def acquire(params: Params, paths: Paths, archives: Sequence[RemoteArchive] = DA
             summary = {"source": "local", "folder": str(folder),
                        **link_local_source(folder, tmp, paths.raw)}
         validate_layout(tmp, what="data/raw")
-        (tmp / EXTERNAL_DIR).mkdir(exist_ok=True)  # always there: audit and validate depend on it
+        ensure_external_dir(tmp / EXTERNAL_DIR)
         summary["counts"] = count_raw(tmp)
         write_json(tmp / SOURCE_FILE, summary)
         stamp = {"inputs": source_inputs(params, paths, archives, folder),
                  "files": file_states(tmp)}
         write_text(tmp / STAMP_FILE, json.dumps(stamp, separators=(",", ":")))
     return summary
+
+
+def ensure_external_dir(folder: Path) -> None:
+    """``data/raw/external/`` always exists (stages depend on it) and is never empty (an empty
+    folder dependency makes DVC warn on every run): without external images it holds a note."""
+    folder.mkdir(exist_ok=True)
+    if not any(path.is_file() for path in folder.rglob("*")):
+        write_text(folder / NO_EXTERNAL_FILE,
+                   "This data source has no external test set (no external/ folder). List "
+                   "external sets in params.yaml validate.external.\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,6 +261,7 @@ def _links_current(plan: Plan, raw: Path) -> bool:
     linked = {(Path(dirpath).relative_to(raw) / f).as_posix()
               for name in (COVID_DIR, KERMANY_DIR, EXTERNAL_DIR)
               for dirpath, _, filenames in os.walk(raw / name) for f in filenames}
+    linked.discard(f"{EXTERNAL_DIR}/{NO_EXTERNAL_FILE}")  # written by acquire, not linked
     return linked == set(plan.files) and all(os.path.samefile(raw / rel, source)
                                              for rel, source in plan.files.items())
 

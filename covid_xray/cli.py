@@ -2,6 +2,7 @@
 
     covid-xray predict IMAGE... [--models-dir models]     one JSON line per image
     covid-xray serve [--host 127.0.0.1] [--port 8000] [--models-dir models] [--max-upload-mb 10]
+                     (covid-xray serve --help: every option)
 
 ``predict`` goes through the same :class:`~covid_xray.predict.PredictionService` as the API, so the
 numbers are identical. Exit status: 0 all images answered, 1 the models cannot be loaded (the
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from covid_xray.errors import PipelineError
-from covid_xray.imaging import MAX_PIXELS_DEFAULT
+from covid_xray.imaging import MAX_DECODED_BYTES_DEFAULT, MAX_PIXELS_DEFAULT
 from covid_xray.serving import settings
 from covid_xray.serving.settings import SettingError
 
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
 OOD_HELP = ("multiplies the feature-distance limit fitted at training (default 1); raise it to "
             "accept images further from the training set")
 USAGE_ERROR = 2
+DECODED_HELP = (f"refuse images whose decoded pixels would take more MiB than this (width x height "
+                f"x channels x bytes per channel; {settings.MIN_MAX_DECODED_MB:g} to "
+                f"{settings.MAX_MAX_DECODED_MB:g}, default %(default)g)")
+SLOTS_HELP = (f"large decodes (over 16 MiB) that may run at once, the others wait (1 to "
+              f"{settings.MAX_DECODE_SLOTS}, default %(default)s)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                          default=MAX_PIXELS_DEFAULT, help=pixels_help)
     predict.add_argument("--ood-tolerance", type=_checked(settings.ood_tolerance), default=1.0,
                          help=OOD_HELP)
+    _decode_options(predict)
 
     serve = sub.add_parser("serve", help="serve the web page and JSON API (waitress)")
     serve.add_argument("--host", type=_checked(settings.host), default=settings.DEFAULT_HOST,
@@ -83,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                        default=MAX_PIXELS_DEFAULT, help=pixels_help)
     serve.add_argument("--ood-tolerance", type=_checked(settings.ood_tolerance), default=1.0,
                        help=OOD_HELP)
+    _decode_options(serve)
     serve.add_argument("--threads", type=_checked(settings.threads),
                        default=settings.DEFAULT_THREADS,
                        help=f"waitress worker threads, 1-{settings.MAX_THREADS} "
@@ -99,12 +107,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _decode_options(command: argparse.ArgumentParser) -> None:
+    """The decoder's memory limits, shared by ``predict`` and ``serve``."""
+    command.add_argument("--max-decoded-mb", type=_checked(settings.max_decoded_mb),
+                         default=MAX_DECODED_BYTES_DEFAULT / settings.MIB, help=DECODED_HELP)
+    command.add_argument("--decode-slots", type=_checked(settings.decode_slots),
+                         default=settings.DEFAULT_DECODE_SLOTS, help=SLOTS_HELP)
+
+
 def _load_service(args: argparse.Namespace) -> PredictionService:
     """Imported lazily: TensorFlow takes seconds to import, ``--help`` should not."""
     from covid_xray.predict import PredictionService
 
     return PredictionService.load(args.models_dir, max_pixels=args.max_pixels,
-                                  ood_tolerance=args.ood_tolerance)
+                                  ood_tolerance=args.ood_tolerance,
+                                  max_bytes=settings.decoded_bytes_cap(args.max_decoded_mb),
+                                  decode_slots=args.decode_slots)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -138,7 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     service = _load_service(args)
     app = create_app({"SERVICE": service, "MODELS_DIR": str(args.models_dir),
                       "MAX_UPLOAD_MB": args.max_upload_mb, "MAX_PIXELS": args.max_pixels,
-                      "OOD_TOLERANCE": args.ood_tolerance})
+                      "OOD_TOLERANCE": args.ood_tolerance,
+                      "MAX_DECODED_MB": args.max_decoded_mb, "DECODE_SLOTS": args.decode_slots})
     options = settings.waitress_settings(args.host, args.port, args.max_upload_mb, args.threads,
                                          args.connection_limit, args.channel_timeout)
     try:
@@ -147,7 +166,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SettingError(f"cannot listen on {args.host}:{args.port}: "
                            f"{exc.strerror or exc}") from None
     names = ", ".join(f"{m.name} ({m.version()['sha256']})" for m in service.models)
-    print(f"covid-xray: models {names}; serving http://{args.host}:{args.port}/ "
+    from covid_xray.modeling import tf_devices  # loaded with the models: TensorFlow is imported
+
+    print(f"covid-xray: models {names} on {', '.join(tf_devices())}; "
+          f"serving http://{args.host}:{args.port}/ "
           f"(connection limit {args.connection_limit}, idle timeout {args.channel_timeout} s)",
           flush=True)
     server.run()

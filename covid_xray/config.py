@@ -19,6 +19,12 @@ NEGATIVE_CLASS: dict[str, str] = {"covid_normal": "normal", "covid_pneumonia": "
 POSITIVE_CLASS = "covid"
 
 
+NO_EXTERNAL_FILE = ".no-external-set"
+"""The note acquire leaves in ``data/raw/external/`` when the data source has no external test set:
+the stages that list external sets skip a folder holding only this note (see
+``datasets.external_sets``)."""
+
+
 def class_names(model_name: str) -> list[str]:
     """The output order of every classifier: [covid, <negative class>]."""
     if model_name not in NEGATIVE_CLASS:
@@ -93,3 +99,8 @@ class Paths:
 
     def model_file(self, model_name: str) -> Path:
         return self.models / f"{model_name}.keras"
+
+    def details(self, stage: str) -> Path:
+        """Every figure a stage computed (``reports/<stage>/details.json``, read by the report);
+        ``metrics/<stage>.json`` keeps only the few that DVC tracks across experiments."""
+        return self.reports / stage / "details.json"

@@ -39,7 +39,13 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
-from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, resolve_path
+from covid_xray.config import (
+    MODEL_NAMES,
+    NEGATIVE_CLASS,
+    NO_EXTERNAL_FILE,
+    POSITIVE_CLASS,
+    resolve_path,
+)
 from covid_xray.duplicates import (
     Fingerprint,
     external_image_files,
@@ -648,5 +654,19 @@ def external_files(name: str, folder: str, root: Path) -> pd.DataFrame:
 
 
 def external_sets(external: dict[str, str], root: Path) -> dict[str, pd.DataFrame]:
-    """Every ``validate.external`` set listed (fails on the first missing or empty folder)."""
-    return {name: external_files(name, folder, root) for name, folder in external.items()}
+    """Every ``validate.external`` set listed (fails on the first missing or empty folder).
+
+    A folder that holds only acquire's ``.no-external-set`` note (the committed
+    ``demo_external: data/raw/external`` when ``data.source`` is a folder without an external
+    set) is left out with a log line: the source has none, which is not an error.
+    """
+    sets = {}
+    for name, folder in external.items():
+        location = resolve_path(folder, root)
+        if (location / NO_EXTERNAL_FILE).is_file() and not any(
+                (location / label).is_dir() for label in EXTERNAL_LABELS):
+            log.info("validate.external.%s: %s holds no external set (the data source has none; "
+                     "list your own sets in params.yaml validate.external)", name, location)
+            continue
+        sets[name] = external_files(name, folder, root)
+    return sets

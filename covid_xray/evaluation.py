@@ -29,10 +29,10 @@ from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths
 from covid_xray.datasets import EXTERNAL_LABELS, external_sets, kermany_patient_id
 from covid_xray.errors import PipelineError
 from covid_xray.gradcam import heatmap_from_cam, overlay
-from covid_xray.imaging import ImageDecodeError, load_image, resize_square
-from covid_xray.io import atomic_dir, write_csv, write_json, write_text
+from covid_xray.imaging import DEFAULT_PREPROCESSING, ImageDecodeError, load_image, model_view
+from covid_xray.io import atomic_dir, atomic_path, write_csv, write_json, write_text
 from covid_xray.model_info import ModelInfo, info_path, read_model_info
-from covid_xray.params import Params
+from covid_xray.params import Params, Preprocessing
 from covid_xray.scores import Predictions, covid_labels
 from covid_xray.splitting import read_manifest, read_split
 
@@ -41,6 +41,15 @@ log = logging.getLogger("covid_xray.evaluation")
 METRIC_NAMES: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "precision", "f1",
                                  "roc_auc")
 HELDOUT_SETS: tuple[str, ...] = ("heldout", "kermany_test")
+# What `dvc metrics show` / `dvc exp show` track: the figures compared across experiments. Every
+# other figure (accuracy, precision, F1, counts, bootstrap units, score statistics per set) goes
+# to reports/<stage>/details.json (Paths.details), which the report reads: hundreds of tracked
+# columns would bury these.
+TRACKED_TEST_KEYS: tuple[str, ...] = tuple(
+    key for name in ("roc_auc", "sensitivity", "specificity")
+    for key in (name, f"{name}_ci_low", f"{name}_ci_high"))
+TRACKED_SET_KEYS: tuple[str, ...] = ("roc_auc", "roc_auc_ci_low", "roc_auc_ci_high",
+                                     "sensitivity", "specificity")
 SMALL_SAMPLE_NOTE = (
     "Test and held-out sets are small (see n_*): one image moves a metric by several points. "
     "Intervals are stratified bootstrap 95% percentile intervals that resample patients with "
@@ -399,8 +408,27 @@ def evaluate(paths: Paths, params: Params) -> dict[str, Any]:
     with atomic_dir(paths.reports / "evaluate") as folder:
         for model_name, text in reports.items():
             write_text(folder / f"{model_name}_classification_report.txt", text)
-    write_json(paths.metrics / "evaluate.json", results)
+        write_json(folder / paths.details("evaluate").name, results)
+    write_json(paths.metrics / "evaluate.json", tracked_evaluate(results))
     return results
+
+
+def _pick(metrics: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    return {key: metrics.get(key) for key in keys}
+
+
+def tracked_evaluate(results: dict[str, Any]) -> dict[str, Any]:
+    """metrics/evaluate.json: per model, test ROC AUC, sensitivity and specificity with CIs."""
+    return {model: _pick(metrics, TRACKED_TEST_KEYS) for model, metrics in results.items()}
+
+
+def tracked_validate(results: dict[str, Any]) -> dict[str, Any]:
+    """metrics/validate.json: per model, the held-out union and each external set's ROC AUC with
+    its CI, sensitivity and specificity (the test split is evaluate's)."""
+    return {model: {"heldout": _pick(result["heldout"], TRACKED_SET_KEYS),
+                    "external": {name: _pick(metrics, TRACKED_SET_KEYS)
+                                 for name, metrics in result["external"].items()}}
+            for model, result in results.items() if isinstance(result, dict)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,19 +442,132 @@ def heldout_groups(manifest: pd.DataFrame) -> dict[str, pd.DataFrame]:
             for (set_name, label), rows in part.groupby(["set", "label"], sort=True)}
 
 
-def gradcam_image(image_path: Path, cam: np.ndarray, img_size: int, score: float,
-                  threshold: float) -> np.ndarray:
-    """Grad-CAM overlay (RGB uint8) of a stored map, with the score and verdict in the corner."""
-    rgb = resize_square(load_image(image_path), img_size)
+# The Grad-CAM grid: one PNG per model (rows: sets, columns: examples), so `dvc plots show` and
+# the report show one image per model instead of one block per example.
+GRID_TILE_MIN = 160   # px: a 32 px model's overlay is enlarged so that its caption fits
+GRID_TILE_MAX = 256   # px: larger inputs are shrunk, the grid stays a few screens at most
+GRID_CAPTION = 40     # px: two caption lines under each tile
+GRID_TITLE = 46       # px: the two-line title band above the rows
+GRID_GAP = 4          # px between tiles
+_BACKGROUND = (255, 255, 255)
+_CAPTION_BACKGROUND = (32, 32, 32)
+_MISSING = (160, 160, 160)
+_WRONG = (255, 160, 0)
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+@dataclass
+class GradcamExample:
+    """One tile of a model's Grad-CAM grid: an image of a scored set with its stored map."""
+
+    set_name: str        # heldout, kermany_test, external:<name>
+    label: str           # the true class
+    path: Path
+    cam: np.ndarray      # the stored map on the backbone grid
+    score: float         # the model's COVID score
+
+
+def grid_tile_size(img_size: int) -> int:
+    """Side of a grid tile for a model input of ``img_size`` pixels."""
+    return int(min(max(img_size, GRID_TILE_MIN), GRID_TILE_MAX))
+
+
+def gradcam_overlay(image_path: Path, cam: np.ndarray, img_size: int, tile: int,
+                    preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """Grad-CAM overlay (RGB uint8, ``tile`` x ``tile``) of a stored map on the model's own view
+    of the image (its input, preprocessed: the map's geometry).
+
+    Drawn at the model's input size, then resized (nearest neighbour when enlarged: the pixels
+    the model saw, not a smoothed guess).
+    """
+    rgb = model_view(load_image(image_path), img_size, preprocessing)
     canvas = overlay(rgb, heatmap_from_cam(cam, img_size))
-    scale = max(1, canvas.shape[0] // 128)
-    if canvas.shape[0] < 160:
-        canvas = cv2.resize(canvas, (160, 160), interpolation=cv2.INTER_NEAREST)
-        scale = 1
-    verdict = "COVID" if score >= threshold else "neg."
-    cv2.putText(canvas, f"{verdict} {score:.2f}", (4, 14 * scale), cv2.FONT_HERSHEY_SIMPLEX,
-                0.45 * scale, (255, 255, 255), max(1, scale), cv2.LINE_AA)
+    interpolation = cv2.INTER_NEAREST if tile >= img_size else cv2.INTER_AREA
+    return cv2.resize(canvas, (tile, tile), interpolation=interpolation)
+
+
+def put_fitted_text(canvas: np.ndarray, text: str, x: int, baseline: int, max_width: int,
+                    colour: tuple[int, int, int], scale: float = 0.45) -> None:
+    """Draw ``text`` at ``(x, baseline)``, shrinking the font (down to 0.3) and then cutting the
+    text (ending in "..") until it fits ``max_width`` pixels."""
+    def width(value: str, size: float) -> int:
+        return cv2.getTextSize(value, _FONT, size, 1)[0][0]
+
+    while scale > 0.3 and width(text, scale) > max_width:
+        scale = round(scale - 0.05, 2)
+    while len(text) > 2 and width(text, scale) > max_width:
+        text = text[:-3] + ".."
+    cv2.putText(canvas, text, (x, baseline), _FONT, scale, colour, 1, cv2.LINE_AA)
+
+
+def labelled_tile(picture: np.ndarray | None, lines: Sequence[str], tile: int,
+                  wrong: bool = False) -> np.ndarray:
+    """A ``tile`` x ``tile`` picture (None: a grey square, the image could not be read) above a
+    dark caption band holding up to two lines of text; ``wrong``: the second line (the verdict)
+    in orange, so misclassified examples stand out."""
+    canvas = np.full((tile + GRID_CAPTION, tile, 3), _CAPTION_BACKGROUND, dtype=np.uint8)
+    canvas[:tile] = _MISSING if picture is None else picture
+    for i, line in enumerate(lines[:2]):
+        colour = _WRONG if wrong and i == 1 else (255, 255, 255)
+        put_fitted_text(canvas, line, 4, tile + 16 + 18 * i, tile - 8, colour)
     return canvas
+
+
+def gradcam_grid(rows: Sequence[Sequence[np.ndarray]], title: Sequence[str]) -> np.ndarray:
+    """Labelled tiles (all the same size) laid out one row per set, under a band with up to two
+    title lines; rows with fewer examples than the longest row end in blank space."""
+    if not rows or not any(rows):
+        raise ValueError("a Grad-CAM grid needs at least one tile")
+    height, width = next(tile for row in rows for tile in row).shape[:2]
+    columns = max(len(row) for row in rows)
+    grid = np.full((GRID_TITLE + len(rows) * (height + GRID_GAP),
+                    columns * (width + GRID_GAP) + GRID_GAP, 3), _BACKGROUND, dtype=np.uint8)
+    for i, line in enumerate(title[:2]):
+        put_fitted_text(grid, line, GRID_GAP, 18 + 20 * i, grid.shape[1] - 2 * GRID_GAP,
+                        (0, 0, 0), scale=0.5)
+    for r, row in enumerate(rows):
+        top = GRID_TITLE + r * (height + GRID_GAP)
+        for c, tile in enumerate(row):
+            left = GRID_GAP + c * (width + GRID_GAP)
+            grid[top:top + height, left:left + width] = tile
+    return grid
+
+
+def draw_gradcam_grid(model_name: str, examples: Sequence[GradcamExample], img_size: int,
+                      threshold: float,
+                      preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray | None:
+    """The model's Grad-CAM grid: a row per set (in ``examples`` order), each tile labelled with
+    its set, true label, score and verdict at ``threshold`` (orange when wrong). None without
+    examples. An image that cannot be read any more is a grey tile (and a warning naming it),
+    never a silent gap."""
+    tile = grid_tile_size(img_size)
+    rows: dict[tuple[str, str], list[np.ndarray]] = {}
+    for example in examples:
+        verdict = POSITIVE_CLASS if example.score >= threshold else NEGATIVE_CLASS[model_name]
+        lines = [f"{example.set_name} / {example.label}",
+                 f"score {example.score:.2f} -> {verdict}"]
+        try:
+            picture = gradcam_overlay(example.path, example.cam, img_size, tile, preprocessing)
+        except (ImageDecodeError, OSError) as exc:
+            log.warning("grad-cam of %s: image unreadable, drawn as a grey tile: %s",
+                        example.path, exc)
+            picture = None
+        rows.setdefault((example.set_name, example.label), []).append(
+            labelled_tile(picture, lines, tile, wrong=verdict != example.label))
+    if not rows:
+        return None
+    title = [f"{model_name}: Grad-CAM (red: most influence)",
+             f"set / true label; score -> verdict (COVID if >= {threshold:.3f})"]
+    return gradcam_grid(list(rows.values()), title)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """An RGB image as a PNG, atomically (temp file, then rename)."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise PipelineError(f"{path}: could not encode the PNG")
+    with atomic_path(path, suffix=".png") as tmp:
+        tmp.write_bytes(encoded.tobytes())
 
 
 def _fmt(metrics: dict[str, Any], name: str) -> str:
@@ -458,11 +599,6 @@ def validation_summary(results: dict[str, Any]) -> str:
         lines.append("")
     lines += [SMALL_SAMPLE_NOTE, ""]
     return "\n".join(lines)
-
-
-def _safe_name(text: str) -> str:
-    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
-    return keep[:80] or "image"
 
 
 def file_patient_id(path: str) -> str:
@@ -526,10 +662,11 @@ def validate(paths: Paths, params: Params) -> dict[str, Any]:
     Per model: per set (held-out COVID/NORMAL/PNEUMONIA, Kermany test NORMAL/PNEUMONIA, each
     external set's classes) images, flagged positive, mean/median COVID score; metrics with CIs
     on the union of the held-out sets of the model's two classes, per external set, and on the
-    internal test split side by side; score-distribution plot data; Grad-CAM overlays (maps stored
-    by train) of the first ``validate.gradcam_images`` images (by path) of every set of the
-    model's two classes. Images without a prediction (undecodable at featurize) are listed in
-    ``reports/validate/skipped.csv``.
+    internal test split side by side (all in ``reports/validate/details.json``; the figures
+    compared across experiments in ``metrics/validate.json``); score-distribution plot data; a
+    Grad-CAM grid per model (maps stored by train) of the first ``validate.gradcam_images``
+    images (by path) of every set of the model's two classes. Images without a prediction
+    (undecodable at featurize) are listed in ``reports/validate/skipped.csv``.
     """
     externals = external_sets(params.validate.external, paths.root)  # fail before any work
     models = {name: load_trained(paths, name) for name in MODEL_NAMES}
@@ -545,12 +682,12 @@ def validate(paths: Paths, params: Params) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     score_rows: dict[str, list[tuple[str, str, float]]] = {}
-    gradcam_jobs: dict[str, list[tuple[str, Path, np.ndarray, float]]] = {}
+    gradcam_jobs: dict[str, list[GradcamExample]] = {}
     for model_name, model in models.items():
         threshold = model.threshold
         relevant = set(class_names(model_name))
         rows_out: list[tuple[str, str, float]] = []
-        jobs: list[tuple[str, Path, np.ndarray, float]] = []
+        jobs: list[GradcamExample] = []
         sets: dict[str, Any] = {}
         pooled: dict[str, _Pooled] = {}
         for key, (kind, rows) in sets_to_score.items():
@@ -566,8 +703,9 @@ def validate(paths: Paths, params: Params) -> dict[str, Any]:
                 collected.labels.append(covid_labels(labels))
                 collected.scores.append(scores)
                 collected.patients.append(present["patient_id"].to_numpy(dtype=object))
-                jobs.extend((key, Path(present["path"].iloc[i]),
-                             model.predictions.cams[where[i]], float(scores[i]))
+                set_name = kind if kind != "heldout" else key.removesuffix(f"_{labels[0]}")
+                jobs.extend(GradcamExample(set_name, str(labels[i]), Path(present["path"].iloc[i]),
+                                           model.predictions.cams[where[i]], float(scores[i]))
                             for i in range(min(params.validate.gradcam_images, len(present))))
 
         split = read_split(paths.split_file(model_name), model_name)
@@ -593,22 +731,16 @@ def validate(paths: Paths, params: Params) -> dict[str, Any]:
                       [(*row, score_bin(row[2])) for row in rows])
     with atomic_dir(paths.plots / "gradcam") as folder:
         for model_name, jobs in gradcam_jobs.items():
-            target = folder / model_name
-            target.mkdir()
             info = models[model_name].info
-            for key, image_path, cam, score in jobs:
-                try:
-                    picture = gradcam_image(image_path, cam, info.img_size, score, info.threshold)
-                except (ImageDecodeError, OSError) as exc:
-                    log.warning("grad-cam skipped %s: %s", image_path, exc)
-                    continue
-                name = f"{key}-{_safe_name(image_path.stem)}.png"
-                if not cv2.imwrite(str(target / name), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
-                    raise PipelineError(f"{target / name}: could not write the PNG")
+            grid = draw_gradcam_grid(model_name, jobs, info.img_size, info.threshold,
+                                     info.preprocess)
+            if grid is not None:
+                write_png(folder / f"{model_name}.png", grid)
+    payload = {**results, "skipped_images": len(skipped)}
     with atomic_dir(paths.reports / "validate") as folder:
         write_csv(folder / "skipped.csv", ["set", "path", "reason"],
                   [(item["set"], item["path"], item["reason"]) for item in skipped])
         write_text(folder / "summary.txt", validation_summary(results))
-    payload = {**results, "skipped_images": len(skipped)}
-    write_json(paths.metrics / "validate.json", payload)
+        write_json(folder / paths.details("validate").name, payload)
+    write_json(paths.metrics / "validate.json", tracked_validate(results))
     return payload

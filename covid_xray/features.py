@@ -8,9 +8,15 @@ image (the seed's rotation augmentation, drawn once instead of per epoch). The i
 ``validate.external`` sets are featurized too (originals only), so that train can score every
 image the later stages report on, and evaluate/validate never run the backbone.
 
-Images are streamed from disk in batches into a ``.npy`` memmap, so memory does not grow with the
-number of images. Nothing here depends on head or training params (dropout, learning rate, epochs,
-batch size, dense nodes, pool size): changing those never re-runs this stage.
+Images go through ``imaging.prepare_file`` with ``params.preprocess`` (the function the app and
+the CLI use); the settings are recorded in ``info.json``, and train copies them into each model's
+sidecar so serving applies the same. Images are streamed from disk in batches into a ``.npy``
+memmap, so memory does not grow with the number of images (reading and writing:
+:mod:`covid_xray.feature_io`). ``featurize.engine`` picks who runs the backbone: this process
+(``local``) or a Ray cluster (``ray``, :mod:`covid_xray.ray_featurize`); both write the same
+bytes. Nothing here depends on head or
+training params (dropout, learning rate, epochs, batch size, dense nodes, pool size): changing
+those never re-runs this stage.
 
 Layout of ``data/features/`` (docs/contracts.md): ``features.npy`` float32 ``(rows, f, f, C)``,
 ``index.csv`` (``row, sha256, path, copy, angle``), ``backbone.weights.h5``, ``info.json``.
@@ -20,23 +26,27 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from covid_xray import splitting
 from covid_xray.config import Paths
 from covid_xray.datasets import external_sets
 from covid_xray.errors import PipelineError
-from covid_xray.imaging import ImageDecodeError, prepare_file
+from covid_xray.feature_io import (
+    FeatureBatch,
+    FeaturizeResult,
+    forward_padded,
+    iter_batches,
+    write_features,
+)
+from covid_xray.imaging import DEFAULT_PREPROCESSING
 from covid_xray.io import (
     atomic_dir,
     read_json,
@@ -44,10 +54,15 @@ from covid_xray.io import (
     write_csv,
     write_json,
 )
-from covid_xray.modeling import build_backbone, pretrained_backbone
-from covid_xray.params import Params
+from covid_xray.modeling import (
+    build_backbone,
+    make_feature_fn,
+    tf_devices,
+    weights_sha256,
+)
+from covid_xray.params import Params, Preprocessing, parse_preprocessing
 from covid_xray.pretrain_data import WEIGHTS_FILE, pretrain_info
-from covid_xray.tf_runtime import keras, tf
+from covid_xray.tf_runtime import keras
 
 log = logging.getLogger("covid_xray.features")
 
@@ -127,76 +142,6 @@ def plan_rows(manifest: pd.DataFrame, augment_copies: int, rotation_deg: float,
     return plan
 
 
-@dataclass
-class Batch:
-    """Prepared model inputs for consecutive plan rows (bad images already dropped)."""
-
-    plan_rows: list[int]
-    images: np.ndarray
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _prepare_batch(plan: pd.DataFrame, start: int, stop: int, images_root: Path,
-                   img_size: int, bad_images: dict[str, str]) -> Batch:
-    """Decode + resize (+ rotate) one batch with the shared imaging code; skip unreadable files."""
-    kept: list[int] = []
-    arrays: list[np.ndarray] = []
-    skipped: list[tuple[str, str]] = []
-    for row, path, angle in plan.iloc[start:stop][["row", "path", "angle"]].itertuples(
-            index=False, name=None):
-        if path in bad_images:
-            continue
-        try:
-            arrays.append(prepare_file(images_root / path, img_size, angle_deg=float(angle)))
-        except (ImageDecodeError, OSError) as exc:
-            bad_images[path] = str(exc)
-            skipped.append((path, str(exc)))
-            continue
-        kept.append(int(row))
-    images = (np.stack(arrays) if arrays
-              else np.zeros((0, img_size, img_size, 3), dtype=np.float32))
-    return Batch(kept, images, skipped)
-
-
-def iter_batches(plan: pd.DataFrame, images_root: Path, img_size: int,
-                 batch_size: int) -> Iterator[Batch]:
-    """Stream prepared batches from disk, decoding the next batch while the current one runs.
-
-    One background thread (OpenCV releases the GIL) overlaps decoding with the backbone; only two
-    batches are in memory at any time, whatever the number of images.
-    """
-    bad_images: dict[str, str] = {}
-    starts = list(range(0, len(plan), batch_size))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for i, start in enumerate(starts):
-            current = pending or pool.submit(_prepare_batch, plan, start, start + batch_size,
-                                             images_root, img_size, bad_images)
-            current_batch = current.result()
-            pending = (pool.submit(_prepare_batch, plan, starts[i + 1], starts[i + 1] + batch_size,
-                                   images_root, img_size, bad_images)
-                       if i + 1 < len(starts) else None)
-            yield current_batch
-
-
-def make_feature_fn(backbone: keras.Model, jit_compile: bool = True
-                    ) -> Callable[[np.ndarray], np.ndarray]:
-    """The backbone's forward pass as a compiled function (XLA when ``jit_compile``).
-
-    Measured on the 2-core build machine at 224 px: Keras ``predict`` 3.4 img/s, ``tf.function``
-    3.8, with XLA 4.7 (docs/dvc-keras-notes.md). Batches must have a fixed shape (pad the last
-    one) so the function is traced and compiled once.
-    """
-    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-    def forward(images: tf.Tensor) -> tf.Tensor:
-        return backbone(images, training=False)
-
-    def call(images: np.ndarray) -> np.ndarray:
-        return np.asarray(forward(tf.convert_to_tensor(images)))
-
-    return call
-
-
 def save_weights_reproducibly(model: keras.Model, path: Path) -> None:
     """``model.save_weights(path)``, minus the HDF5 object timestamps Keras leaves in.
 
@@ -233,20 +178,10 @@ def _copy_h5_group(source: h5py.Group, target: h5py.Group) -> None:
                 dataset.attrs[key] = item.attrs[key]
 
 
-@dataclass
-class FeaturizeResult:
-    """What ``compute_features`` wrote and how fast."""
-
-    index: pd.DataFrame
-    feature_shape: tuple[int, ...]
-    skipped: list[dict[str, str]]
-    seconds: float
-    rows_per_s: float
-
-
 def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Model,
                      out_file: Path, batch_size: int, jit_compile: bool = True,
-                     progress: bool = True) -> FeaturizeResult:
+                     progress: bool = True,
+                     preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> FeaturizeResult:
     """Run the backbone over every planned row, writing features incrementally to ``out_file``.
 
     Rows of images that cannot be decoded are dropped (listed in ``skipped``); the written file
@@ -255,71 +190,40 @@ def compute_features(plan: pd.DataFrame, images_root: Path, backbone: keras.Mode
     feature_shape = tuple(int(d) for d in backbone.output_shape[1:])
     img_size = int(backbone.input_shape[1])
     forward = make_feature_fn(backbone, jit_compile=jit_compile)
-    offset = _create_npy(out_file, (len(plan), *feature_shape))
-    written_rows: list[int] = []
-    skipped: list[dict[str, str]] = []
-    started = time.perf_counter()
-    bar = tqdm(total=len(plan), desc="featurize", unit="img", disable=not progress,
-               mininterval=2.0)
-    # Plain sequential writes after the header, not a writable memmap: written pages then sit in
-    # the page cache, not in this process's resident memory, which stays flat with the row count.
-    with out_file.open("r+b") as handle:
-        handle.seek(offset)
-        for batch in iter_batches(plan, images_root, img_size, batch_size):
-            skipped.extend({"path": p, "reason": r} for p, r in batch.skipped)
-            n = len(batch.plan_rows)
-            if n:
-                padded = batch.images
-                if n < batch_size:  # keep one compiled shape
-                    padded = np.concatenate([padded, np.zeros(
-                        (batch_size - n, *padded.shape[1:]), dtype=padded.dtype)])
-                handle.write(np.ascontiguousarray(forward(padded)[:n], dtype=np.float32).data)
-                written_rows.extend(batch.plan_rows)
-            bar.update(min(batch_size, len(plan) - bar.n))
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(img_per_s=f"{len(written_rows) / elapsed:.1f}")
-    bar.close()
-    seconds = time.perf_counter() - started
-    if len(written_rows) < len(plan):
-        _truncate_rows(out_file, len(written_rows))
-    index = plan.iloc[written_rows].copy()
-    index["row"] = np.arange(len(index), dtype=np.int64)
-    return FeaturizeResult(index=index.reset_index(drop=True), feature_shape=feature_shape,
-                           skipped=skipped, seconds=seconds,
-                           rows_per_s=len(written_rows) / seconds if seconds > 0 else 0.0)
 
+    def batches() -> Iterator[FeatureBatch]:
+        done = 0
+        for batch in iter_batches(plan, images_root, img_size, batch_size, preprocessing):
+            features = (forward_padded(forward, batch.images, batch_size) if batch.plan_rows
+                        else np.zeros((0, *feature_shape), dtype=np.float32))
+            step = min(batch_size, len(plan) - done)
+            done += step
+            yield FeatureBatch(batch.plan_rows, features, batch.skipped, step)
 
-def _create_npy(path: Path, shape: tuple[int, ...]) -> int:
-    """Create a float32 ``.npy`` of ``shape`` (header + sparse zero data); returns the data
-    offset in bytes."""
-    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape).flush()
-    return _npy_offset(path)
-
-
-def _npy_offset(path: Path) -> int:
-    return int(np.load(path, mmap_mode="r").offset)
-
-
-def _truncate_rows(path: Path, rows: int, chunk_bytes: int = 1 << 24) -> None:
-    """Rewrite a ``.npy`` keeping its first ``rows`` rows (rare: only after skipped images)."""
-    source_shape = np.load(path, mmap_mode="r").shape
-    shorter = path.with_name(path.name + ".short")
-    target_offset = _create_npy(shorter, (rows, *source_shape[1:]))
-    remaining = rows * int(np.prod(source_shape[1:])) * 4
-    with path.open("rb") as source, shorter.open("r+b") as target:
-        source.seek(_npy_offset(path))
-        target.seek(target_offset)
-        while remaining > 0:
-            chunk = source.read(min(chunk_bytes, remaining))
-            target.write(chunk)
-            remaining -= len(chunk)
-    os.replace(shorter, path)
+    result = write_features(plan, out_file, feature_shape, batches(), progress=progress)
+    result.devices = tf_devices()
+    return result
 
 
 TIMING_KEYS: tuple[str, ...] = ("seconds", "images_per_s")
 """Kept OUT of ``info.json``: a timing inside ``data/features`` would change the output's hash on
 every run, and DVC would then re-run train/evaluate/validate although the features are
-bit-identical. The stage reports them in ``metrics/featurize.json`` instead."""
+bit-identical. The stage reports them in ``metrics/featurize.json`` instead. So is how they were
+computed (engine, devices, nodes): downstream stages must not know which engine ran."""
+
+
+def ray_engine() -> Callable[..., FeaturizeResult]:
+    """:func:`covid_xray.ray_featurize.compute_features_ray`, imported only for engine ``ray``
+    (Ray is an extra); without Ray, a one-line error saying how to install it."""
+    try:
+        from covid_xray.ray_featurize import compute_features_ray
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "ray":
+            raise
+        raise PipelineError("featurize.engine=ray: Ray is not installed here; "
+                            "`pip install -e \".[ray]\"` (on every node of the cluster too), or "
+                            "set featurize.engine: local") from None
+    return compute_features_ray
 
 
 def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
@@ -331,6 +235,7 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
     """
     if jit_compile is None:
         jit_compile = use_xla(params.model.img_size)
+    compute_ray = ray_engine() if params.featurize.engine == "ray" else None  # before any work
     manifest = read_manifest(paths.manifest)
     externals = external_sets(params.validate.external, paths.root)  # fail before any work
     plan = plan_rows(with_external(manifest, externals, paths.datasets),
@@ -341,9 +246,13 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
     backbone, pretrained = feature_backbone(paths, params)
     with atomic_dir(paths.features) as folder:
         save_weights_reproducibly(backbone, folder / BACKBONE_WEIGHTS_FILE)
-        result = compute_features(plan, paths.datasets, backbone, folder / FEATURES_FILE,
-                                  params.featurize.batch_size, jit_compile=jit_compile,
-                                  progress=progress)
+        if compute_ray is not None:
+            result = compute_ray(plan, paths.datasets, backbone, folder / FEATURES_FILE,
+                                 params, jit_compile=jit_compile, progress=progress)
+        else:
+            result = compute_features(plan, paths.datasets, backbone, folder / FEATURES_FILE,
+                                      params.featurize.batch_size, jit_compile=jit_compile,
+                                      progress=progress, preprocessing=params.preprocess)
         if result.index.empty:
             raise PipelineError(f"{paths.datasets}: none of the {plan['path'].nunique()} images "
                                 f"could be decoded (first: {result.skipped[0]['reason']})")
@@ -352,8 +261,12 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
         info = {
             "backbone": params.backbone,
             "weights": params.model.weights,
+            # which file: a path says nothing when the file at it is replaced (train checks it)
+            "weights_sha256": weights_sha256(params.backbone, params.model.img_size,
+                                             backbone_weights(paths, params), paths.root),
             **({"pretrain": pretrained} if pretrained else {}),
             "img_size": params.model.img_size,
+            "preprocess": params.preprocess.as_dict(),
             "feature_shape": list(result.feature_shape),
             "augment_copies": params.featurize.augment_copies,
             "rotation_deg": params.train.rotation_deg,
@@ -367,26 +280,32 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
         }
         write_json(folder / INFO_FILE, info)
     return {**info, "seconds": round(result.seconds, 3),
-            "images_per_s": round(result.rows_per_s, 3)}
+            "images_per_s": round(result.rows_per_s, 3),
+            "engine": params.featurize.engine, "devices": result.devices, "nodes": result.nodes}
 
 
-def feature_backbone(paths: Paths, params: Params) -> tuple[keras.Model, dict[str, Any]]:
-    """The frozen backbone params ask for, and (``model.weights: xray``) how it was pretrained.
-
-    ``xray`` loads the pretrain stage's weights into ``pretrain.architecture``; the summary of
-    its info.json travels on to the sidecars and model cards.
-    """
+def backbone_weights(paths: Paths, params: Params) -> str:
+    """What :func:`build_backbone` loads: ``model.weights``, or with ``xray`` the pretrain
+    stage's weights file, once its info.json shows it trained the architecture params ask for."""
     if not params.uses_pretrain:
-        return build_backbone(params.model.backbone, params.model.img_size, params.model.weights,
-                              seed=params.seed), {}
+        return params.model.weights
     info = pretrain_info(paths.pretrain)
     if not info.get("used") or info.get("architecture") != params.backbone:
         raise PipelineError(f"{paths.pretrain}: holds no pretrained {params.backbone} backbone "
                             f"(info.json: used={info.get('used')}, architecture="
                             f"{info.get('architecture')}); run the pretrain stage with "
                             "model.weights=xray first (`dvc repro`)")
-    backbone = pretrained_backbone(params.backbone, params.model.img_size,
-                                   paths.pretrain / WEIGHTS_FILE, seed=params.seed)
+    return str(paths.pretrain / WEIGHTS_FILE)
+
+
+def feature_backbone(paths: Paths, params: Params) -> tuple[keras.Model, dict[str, Any]]:
+    """The frozen backbone params ask for, and (``model.weights: xray``) how it was pretrained:
+    the summary of the pretrain's info.json that travels on to the sidecars and model cards."""
+    backbone = build_backbone(params.backbone, params.model.img_size,
+                              backbone_weights(paths, params), seed=params.seed)
+    if not params.uses_pretrain:
+        return backbone, {}
+    info = pretrain_info(paths.pretrain)
     summary = {key: info[key] for key in ("architecture", "params", "task", "kermany_test",
                                           "kermany_test_at_model_size", "weights_sha256")}
     summary["images"] = {key: info["images"][key] for key in ("train", "val", "pool",
@@ -398,7 +317,9 @@ def featurize_metrics(report: dict[str, Any]) -> dict[str, Any]:
     """``metrics/featurize.json``: counts and throughput (numbers only, for ``dvc metrics``)."""
     keys = ("images", "rows", "rotated_rows", "manifest_rows", "external_images", *TIMING_KEYS)
     return {**{key: report[key] for key in keys}, "skipped": len(report["skipped"]),
-            "img_size": report["img_size"], "xla": int(report["jit_compile"])}
+            "img_size": report["img_size"], "xla": int(report["jit_compile"]),
+            "gpus": sum(d.startswith("GPU") for d in report["devices"]),
+            "ray_nodes": report["nodes"] if report["engine"] == "ray" else 0}
 
 
 @dataclass
@@ -442,11 +363,19 @@ class FeatureStore:
         height, width, channels = self.features.shape[1:]
         return int(height), int(width), int(channels)
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing the features were computed with (the models must be served with
+        it); a store written before the setting existed used the defaults."""
+        return parse_preprocessing(self.info.get("preprocess"), str(self.folder / INFO_FILE))
+
     def check_matches(self, params: Params) -> None:
-        """Refuse features computed with another backbone/size than params say (stale cache)."""
+        """Refuse features computed with another backbone/size/preprocessing than params say
+        (stale cache)."""
         expected = {"backbone": params.backbone, "weights": params.model.weights,
-                    "img_size": params.model.img_size}
+                    "img_size": params.model.img_size, "preprocess": params.preprocess.as_dict()}
         found = {key: self.info.get(key) for key in expected}
+        found["preprocess"] = self.preprocessing.as_dict()
         if found != expected:
             raise PipelineError(f"{self.folder / INFO_FILE}: features were computed for {found}, "
                                 f"params.yaml says {expected}; re-run featurize (`dvc repro`)")

@@ -2,7 +2,8 @@
 evaluate, validate, audit, probe, the web app and the CLI, so serving sees exactly the pixels
 training saw, and the data stages skip exactly the images the server refuses.
 
-Recipe (the seed's): decode -> RGB -> resize to ``img_size`` x ``img_size`` -> scale to [0, 1].
+Recipe: decode -> RGB -> :func:`model_view` (``params.preprocess``: crop_border -> grayscale ->
+equalize -> resize -> replicate to 3 channels; the seed's stretch by default) -> scale to [0, 1].
 Decoding goes by the file's bytes (never its extension) and normalises grayscale, RGBA, 16-bit
 and CMYK inputs to 8-bit RGB. Every refusal is an :class:`ImageRejected` with a machine reason
 (``skipped.csv``, ``metrics/copy_images.json``, the API's error) and a one-line message:
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from covid_xray import ood
+from covid_xray.params import Preprocessing
 
 MAX_PIXELS_DEFAULT = 50_000_000
 """Images above this many pixels are refused before decoding (decompression bombs)."""
@@ -323,14 +326,132 @@ def to_model_input(resized_rgb: np.ndarray) -> np.ndarray:
     return resized_rgb.astype(np.float32) / 255.0
 
 
-def prepare_image(data: bytes, img_size: int, max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
+# ---------------------------------------------------------------------------------------------
+# Preprocessing: decoded RGB -> what the model sees (``params.preprocess``, the models' sidecars)
+
+DEFAULT_PREPROCESSING = Preprocessing()
+"""The seed's recipe: decode -> RGB -> stretch to the square -> [0, 1]."""
+
+Box = tuple[int, int, int, int]
+"""``(top, bottom, left, right)``, bottom and right exclusive."""
+
+
+@dataclass(frozen=True)
+class ViewGeometry:
+    """Which part of a decoded image the model sees, and where it lands in the model input.
+
+    ``source`` is a box of the decoded image (after ``crop_border`` and ``center_crop``); it is
+    resized onto ``target``, a box of the ``img_size`` square (the whole square, except inside
+    ``pad``'s bars). The Grad-CAM overlay maps the model's heatmap back with it.
+    """
+
+    source: Box
+    target: Box
+
+
+def view_geometry(height: int, width: int, img_size: int,
+                  preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> ViewGeometry:
+    """The boxes of :class:`ViewGeometry` for a decoded ``height`` x ``width`` image."""
+    dy = min(round(height * preprocessing.crop_border), (height - 1) // 2)
+    dx = min(round(width * preprocessing.crop_border), (width - 1) // 2)
+    top, bottom, left, right = dy, height - dy, dx, width - dx
+    h, w = bottom - top, right - left
+    if preprocessing.resize == "center_crop":
+        side = min(h, w)
+        top, left = top + (h - side) // 2, left + (w - side) // 2
+        bottom, right = top + side, left + side
+    target: Box = (0, img_size, 0, img_size)
+    if preprocessing.resize == "pad":
+        scale = img_size / max(h, w)
+        th, tw = max(1, min(img_size, round(h * scale))), max(1, min(img_size, round(w * scale)))
+        y0, x0 = (img_size - th) // 2, (img_size - tw) // 2
+        target = (y0, y0 + th, x0, x0 + tw)
+    return ViewGeometry(source=(top, bottom, left, right), target=target)
+
+
+def _equalize(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """Histogram equalisation or CLAHE of the grey level.
+
+    A colour image (``grayscale: false``) is equalised on the Y of YCrCb, its chroma kept: Y is
+    exactly the grey ``grayscale: true`` uses (OpenCV's BT.601 luma, which maps a grey pixel to
+    itself), so a grey film gives the same model input with or without ``grayscale``.
+    """
+    if preprocessing.equalize == "hist":
+        def level(grey: np.ndarray) -> np.ndarray:
+            return cv2.equalizeHist(grey)
+    else:
+        clahe = cv2.createCLAHE(clipLimit=preprocessing.clahe_clip,
+                                tileGridSize=(preprocessing.clahe_tile,) * 2)
+
+        def level(grey: np.ndarray) -> np.ndarray:
+            return clahe.apply(grey)
+    if pixels.ndim == 2:
+        return level(np.ascontiguousarray(pixels))
+    ycrcb = cv2.cvtColor(pixels, cv2.COLOR_RGB2YCrCb)
+    ycrcb[:, :, 0] = level(np.ascontiguousarray(ycrcb[:, :, 0]))
+    return cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
+
+
+def model_view(rgb: np.ndarray, img_size: int,
+               preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
+               angle_deg: float = 0.0) -> np.ndarray:
+    """Decoded uint8 RGB -> the model's view, uint8 ``(S, S, 3)``: THE preprocessing function.
+
+    crop_border -> grayscale -> equalize -> resize (stretch | pad | center_crop) -> rotate (the
+    cached augmentation copies only) -> replicate to 3 channels. With the defaults this is the
+    seed's stretch, bit for bit. ``pad`` fills with black (0): air is black on a radiograph, so the
+    bars look like the film's own background (they still show the aspect ratio; ``center_crop``
+    does not, at the cost of the lateral edges).
+    """
+    return model_views(rgb, (img_size,), preprocessing, angle_deg)[0]
+
+
+def model_views(rgb: np.ndarray, sizes: Sequence[int],
+                preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
+                angle_deg: float = 0.0) -> list[np.ndarray]:
+    """:func:`model_view` at several sizes, the steps before the resize done once (the probe
+    measures statistics at the model's size and runs a backbone at a smaller one)."""
+    top, bottom, left, right = view_geometry(rgb.shape[0], rgb.shape[1], 1, preprocessing).source
+    pixels = rgb[top:bottom, left:right]
+    if preprocessing.grayscale:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+    if preprocessing.equalize != "none":
+        pixels = _equalize(pixels, preprocessing)
+    views = []
+    for img_size in sizes:
+        if preprocessing.resize == "pad":
+            y0, y1, x0, x1 = view_geometry(rgb.shape[0], rgb.shape[1], img_size,
+                                           preprocessing).target
+            shrinking = (y1 - y0) < pixels.shape[0] or (x1 - x0) < pixels.shape[1]
+            resized = cv2.resize(pixels, (x1 - x0, y1 - y0),
+                                 interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+            view = np.zeros((img_size, img_size, *pixels.shape[2:]), dtype=np.uint8)
+            view[y0:y1, x0:x1] = resized
+        else:
+            view = resize_square(pixels, img_size)
+        if angle_deg:
+            view = rotate(view, angle_deg)
+        if view.ndim == 2:
+            view = cv2.cvtColor(view, cv2.COLOR_GRAY2RGB)
+        views.append(view)
+    return views
+
+
+def prepare_rgb(rgb: np.ndarray, img_size: int,
+                preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
+                angle_deg: float = 0.0) -> np.ndarray:
+    """Decoded uint8 RGB -> model input ``(S, S, 3)`` float32 in [0, 1] (:func:`model_view`)."""
+    return to_model_input(model_view(rgb, img_size, preprocessing, angle_deg))
+
+
+def prepare_image(data: bytes, img_size: int,
+                  preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
+                  max_pixels: int = MAX_PIXELS_DEFAULT) -> np.ndarray:
     """Bytes -> model input ``(S, S, 3)`` float32: exactly what training saw."""
-    return to_model_input(resize_square(decode_image(data, max_pixels=max_pixels), img_size))
+    return prepare_rgb(decode_image(data, max_pixels=max_pixels), img_size, preprocessing)
 
 
-def prepare_file(path: Path | str, img_size: int, angle_deg: float = 0.0) -> np.ndarray:
-    """File -> model input, optionally rotated first (the cached augmentation copies)."""
-    resized = resize_square(load_image(path), img_size)
-    if angle_deg:
-        resized = rotate(resized, angle_deg)
-    return to_model_input(resized)
+def prepare_file(path: Path | str, img_size: int, angle_deg: float = 0.0,
+                 preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """File -> model input, optionally rotated (the cached augmentation copies)."""
+    return prepare_rgb(load_image(path), img_size, preprocessing, angle_deg)

@@ -11,10 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from covid_xray.errors import PipelineError
+from covid_xray.errors import ParamsError, PipelineError
+from covid_xray.params import Preprocessing, parse_preprocessing
 
-PREPROCESSING = "decode->RGB->resize(img_size, INTER_AREA when shrinking)->float32/255"
+PREPROCESSING = Preprocessing().describe()
+"""The seed's recipe in words (what every sidecar said before ``preprocess`` was recorded)."""
 FORMAT_VERSION = 1
+DEMO_SOURCE = "demo"
+"""``training_source`` of models trained on the synthetic demo data (``data.source: demo``)."""
+UNKNOWN_SOURCE = "unknown"
+"""``training_source`` of sidecars written before the training source was recorded."""
 
 
 class ModelLoadError(PipelineError):
@@ -32,7 +38,12 @@ class ModelInfo:
     backbone: str
     weights: str
     threshold: float = 0.5
+    preprocess: Preprocessing = field(default_factory=Preprocessing)
+    """The steps from decoded image to model input (``params.preprocess`` at featurize): the app
+    and the CLI apply exactly these, never params.yaml's. Absent in older sidecars: the defaults,
+    the only recipe there was then."""
     preprocessing: str = PREPROCESSING
+    """``preprocess`` in words, for people (always derived from it)."""
     format_version: int = FORMAT_VERSION
     revision: str = "unknown"
     params: dict[str, Any] = field(default_factory=dict)
@@ -40,6 +51,32 @@ class ModelInfo:
     model_sha256: str = ""
     """SHA-256 of the ``.keras`` file this sidecar was written with: binds the pair, so a model
     beside another run's sidecar (another threshold, other OOD statistics) is refused."""
+    weights_sha256: str = ""
+    """SHA-256 of the backbone weights file the features were computed with: ``weights`` a file,
+    or Keras's cached ImageNet file; empty for ``none`` (seeded random weights)."""
+    training_source: str = UNKNOWN_SOURCE
+    """What the model was trained on: ``demo``, ``download`` or ``local:<folder name>``
+    (``data.source``). The server says so when demo models refuse a real X-ray."""
+    training_data: str = ""
+    """The same for people: a sentence the server's page and ``/healthz`` show."""
+
+    @property
+    def trained_on_demo(self) -> bool:
+        return self.training_source == DEMO_SOURCE
+
+    @property
+    def trained_on(self) -> str:
+        """``training_data``, or what can be said without it (older or hand-written sidecars)."""
+        if self.training_data:
+            return self.training_data
+        if self.training_source == UNKNOWN_SOURCE:
+            return "data not recorded (the sidecar predates training sources)"
+        return f"data.source {self.training_source}"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.preprocess, Preprocessing):
+            self.preprocess = parse_preprocessing(self.preprocess, f"{self.model_name} sidecar")
+        self.preprocessing = self.preprocess.describe()
 
     @property
     def positive_index(self) -> int:
@@ -77,7 +114,12 @@ def read_model_info(sidecar: Path | str) -> ModelInfo:
         raise ModelLoadError(f"{sidecar}: model file not found; run `dvc repro` to train the "
                              "models, or point to an existing one")
     try:
-        info = ModelInfo(**json.loads(sidecar.read_text(encoding="utf-8")))
+        raw = json.loads(sidecar.read_text(encoding="utf-8"))
+        if isinstance(raw, dict) and "preprocess" in raw:
+            raw["preprocess"] = parse_preprocessing(raw["preprocess"], str(sidecar))
+        info = ModelInfo(**raw)
+    except ParamsError as exc:
+        raise ModelLoadError(f"{exc}; retrain with `dvc repro` or fix the file") from exc
     except (ValueError, TypeError) as exc:
         raise ModelLoadError(f"{sidecar}: not a covid-xray model info file ({exc})") from exc
     if info.format_version != FORMAT_VERSION:

@@ -47,6 +47,9 @@ from covid_xray.io import write_text
 Backbone = Literal["vgg16", "mobilenetv2", "smallcnn"]
 PretrainInit = Literal["none", "imagenet"]
 ThresholdRule = Literal["youden", "target_sensitivity", "argmax"]
+Equalize = Literal["none", "hist", "clahe"]
+ResizeMode = Literal["stretch", "pad", "center_crop"]
+FeaturizeEngine = Literal["local", "ray"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 IMAGENET_BACKBONES: tuple[str, ...] = ("vgg16", "mobilenetv2")
 """Backbones Keras publishes ImageNet weights for (``smallcnn`` is this project's own)."""
@@ -229,10 +232,110 @@ class ModelParams(_Section):
 
 
 @dataclass(config=_CONFIG)
+class Preprocessing(_Section):
+    """How a decoded image becomes the model input; also the value object the models carry.
+
+    The ``preprocess`` section of params.yaml, and the same class in each model's sidecar, so the
+    app and the CLI apply exactly the steps training used (``covid_xray.imaging.model_view``).
+    Defined here, not in ``imaging``, so that one class validates it wherever it is read (params,
+    sidecars) without every stage importing OpenCV. Frozen and hashable: the prediction service
+    groups models by it. The defaults are the seed's recipe (decode -> RGB -> stretch).
+    """
+
+    grayscale: StrictBool = Field(False, description=(
+        "decode to one grey channel (luma), replicated to the backbone's 3 channels; hides "
+        "colour-tinted vs grey storage"))
+    equalize: Equalize = Field("none", description=(
+        "`none`, `hist` (global histogram equalisation) or `clahe`, on the grey level (the Y of "
+        "YCrCb when colour is kept)"))
+    clahe_clip: Number = Field(2.0, gt=0, le=100, description=(
+        "CLAHE contrast limit (`equalize: clahe`)"))
+    clahe_tile: Whole = Field(8, ge=1, le=64, description=(
+        "CLAHE tiles per side (`equalize: clahe`)"))
+    resize: ResizeMode = Field("stretch", description=(
+        "`stretch` to a square (the seed's: aspect ratio shows as distortion), `pad` (keep "
+        "aspect, black bars) or `center_crop` (the central square)"))
+    crop_border: Number = Field(0.0, ge=0, le=0.4, description=(
+        "fraction of each side cut off first (burnt-in borders, markers, text)"))
+
+    @field_validator("equalize", "resize", mode="before")
+    @classmethod
+    def _choice_case(cls, value: Any) -> Any:
+        return _lower(value)
+
+    @property
+    def is_default(self) -> bool:
+        """The seed's recipe: the model input is decode -> RGB -> stretch, nothing else."""
+        return self == Preprocessing()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as plain values (sidecars, ``data/features/info.json``)."""
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The recipe in one line, for model cards and logs."""
+        steps = ["decode->RGB"]
+        if self.crop_border:
+            steps.append(f"crop_border({self.crop_border:g} per side)")
+        if self.grayscale:
+            steps.append("grey(luma)")
+        if self.equalize == "hist":
+            steps.append("equalize(hist" + ("" if self.grayscale else ", on Y") + ")")
+        elif self.equalize == "clahe":
+            steps.append(f"equalize(clahe clip {self.clahe_clip:g}, {self.clahe_tile}x"
+                         f"{self.clahe_tile} tiles" + ("" if self.grayscale else ", on Y") + ")")
+        steps.append({"stretch": "resize(img_size",  # the seed's words: old sidecars say this
+                      "pad": "resize(keep aspect, pad with black to img_size",
+                      "center_crop": "resize(central square to img_size"}[self.resize]
+                     + ", INTER_AREA when shrinking)")
+        if self.grayscale:
+            steps.append("replicate to 3 channels")
+        steps.append("float32/255")
+        return "->".join(steps)
+
+
+def parse_preprocessing(raw: Any, source: str) -> Preprocessing:
+    """Validate preprocessing settings read from a file (a model sidecar, a feature store).
+
+    None or an empty mapping (files written before the settings existed) means the defaults,
+    the only recipe there was. Raises :class:`ParamsError`, one line per problem, each starting
+    with ``source`` and naming the ``preprocess.<key>``.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: `preprocess` must be a mapping of settings, got {raw!r}")
+    try:
+        return _PREPROCESSING_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise ParamsError("\n".join(
+            f"{source}: {_problem({**e, 'loc': ('preprocess', *e['loc'])})}"
+            for e in exc.errors())) from None
+
+
+@dataclass(config=_CONFIG)
 class FeaturizeParams(_Section):
     augment_copies: Whole = Field(2, ge=0, le=64, description=(
         "rotated copies per training image, featurized once"))
     batch_size: Whole = Field(16, ge=1, le=4096, description="images per backbone batch")
+    engine: FeaturizeEngine = Field("local", description=(
+        "`local` (one process) or `ray` (Ray Data: decoding tasks and backbone actors on a Ray "
+        "cluster; same features, bit for bit)"))
+    ray_address: StrictStr = Field("", description=(
+        "Ray cluster to connect to (`auto`, `ray://host:10001`, `host:6379`); empty: the "
+        "RAY_ADDRESS environment variable, else an embedded Ray on this machine"))
+    workers: Whole = Field(1, ge=1, le=4096, description=(
+        "backbone actors (engine `ray`): each holds the model once"))
+    cpus_per_worker: Number = Field(1.0, gt=0, le=1024, description=(
+        "logical CPUs Ray reserves per actor (engine `ray`); the node's core count gives each "
+        "actor a whole node"))
+    gpus_per_worker: Number = Field(0.0, ge=0, le=64, description=(
+        "GPUs per actor (engine `ray`; fractions share a GPU); 0: CPU actors"))
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine_case(cls, value: Any) -> Any:
+        return _lower(value)
 
 
 @dataclass(config=_CONFIG)
@@ -261,7 +364,7 @@ class ThresholdParams(_Section):
 @dataclass(config=_CONFIG)
 class ValidateParams(_Section):
     gradcam_images: Whole = Field(3, ge=0, le=1000, description=(
-        "Grad-CAM overlays per held-out set and model"))
+        "examples per set in each model's Grad-CAM grid (its columns; 0: no grid)"))
     bootstrap: Whole = Field(1000, ge=0, le=1_000_000, description=(
         "bootstrap resamples for the 95% confidence intervals"))
     external: dict[str, str] = Field(default_factory=dict, description=(
@@ -346,6 +449,7 @@ class Params:
     copy: CopyParams = Field(default_factory=CopyParams)
     split: SplitParams = Field(default_factory=SplitParams)
     model: ModelParams = Field(default_factory=ModelParams)
+    preprocess: Preprocessing = Field(default_factory=Preprocessing)
     featurize: FeaturizeParams = Field(default_factory=FeaturizeParams)
     train: TrainParams = Field(default_factory=TrainParams)
     threshold: ThresholdParams = Field(default_factory=ThresholdParams)
@@ -372,6 +476,7 @@ class Params:
 
 
 _ADAPTER = TypeAdapter(Params)
+_PREPROCESSING_ADAPTER = TypeAdapter(Preprocessing)
 
 # Error messages: pydantic's error types -> "what is allowed" in the project's words.
 _EXPECTED = {

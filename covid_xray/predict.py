@@ -6,18 +6,19 @@ incompatible model file stops start-up with a message naming the file.
 
 Pipeline per image: content-based decode (``imaging.decode_image``: pixel and decoded-bytes caps,
 truncated/corrupt data refused, large decodes bounded by ``decode_slots``) -> image-level
-out-of-distribution checks (colour, page, noise) -> ``imaging`` preprocessing (the training
-recipe) -> backbone -> each model's head -> feature-distance check per model -> verdict with the
-model's own operating threshold. When the two models share the identical frozen backbone (same
-weights hash, the normal case: both heads are trained on one featurize run) the backbone runs once
-per image and only the heads run per model; the scores equal ``Classifier.covid_scores``.
+out-of-distribution checks (colour, page, noise) -> ``imaging.prepare_rgb`` with the
+preprocessing recorded in each model's sidecar (what its features were computed with at training,
+never params.yaml's) -> backbone -> each model's head -> feature-distance check per model ->
+verdict with the model's own operating threshold. When the two models share the identical frozen
+backbone (same weights hash, the normal case: both heads are trained on one featurize run) and the
+same preprocessing, the backbone runs once per image and only the heads run per model; the scores
+equal ``Classifier.covid_scores``. Models with different preprocessing each get their own input.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -36,17 +37,25 @@ from covid_xray.modeling import (
     ModelLoadError,
     pooled_features,
 )
+from covid_xray.params import Preprocessing
+from covid_xray.serving.settings import DEFAULT_DECODE_SLOTS
 from covid_xray.tf_runtime import tf
 
-log = logging.getLogger(__name__)
-
+REFUSAL = ("This image is unlike the chest X-rays the models were trained on, so no verdict is "
+           "given. Upload a frontal (PA) chest X-ray.")
+DEMO_REFUSAL = (
+    "This image is unlike the synthetic demo images that {who} trained on (data.source=demo): "
+    "{they} never seen a real X-ray, so {they_refuse} real X-rays too and no verdict is given. To "
+    "classify real X-rays, train on real data: `dvc exp run -S data.source=download` (or "
+    "`-S data.source=<folder holding covid-chestxray-dataset/ and chest_xray/>`); to try these "
+    "models anyway, widen the check with `--ood-tolerance 2`.")
+"""The feature check's refusal when demo models refuse: the generic one asks for a chest X-ray
+from someone who most likely just uploaded one."""
 DISCLAIMER = ("Not a diagnostic device: an educational demonstration only. Do not use it for any "
               "medical decision; the models were trained on small public data sets.")
 PREVIEW_SIZE = 384
 """Longest side of the preview and Grad-CAM images returned to the web page."""
 VERSION_HASH_CHARS = 12
-DECODE_SLOTS_DEFAULT = 2
-"""Large decodes (above ``LARGE_DECODE_BYTES``) that may run at once; the others wait."""
 LARGE_DECODE_BYTES = 16 * 1024 * 1024
 """Decodes up to this size (any ordinary X-ray: 2,000 x 2,000 grey is 4 MiB) never wait for a slot.
 Worst case held by decoding: threads x 16 MiB + slots x (128 MiB cap + its RGB copy)."""
@@ -80,7 +89,7 @@ class LoadedModel:
     classifier: Classifier
     sha256: str
     pool_size: int
-    ood_stats: ood.OodStats | None
+    ood_stats: ood.OodStats
 
     @property
     def info(self) -> ModelInfo:
@@ -114,30 +123,35 @@ def _load_model(name: str, models_dir: Path) -> LoadedModel:
                              f"including {POSITIVE_CLASS!r}")
     if not 0.0 <= float(info.threshold) <= 1.0:
         raise ModelLoadError(f"{sidecar}: threshold {info.threshold} is not a probability")
-    stats: ood.OodStats | None = None
-    if info.ood:
-        try:
-            stats = ood.OodStats(info.ood)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"{sidecar}: unusable out-of-distribution statistics "
-                                 f"({exc}); retrain with `dvc repro`") from exc
-        if stats.dim != feature_dim:
-            raise ModelLoadError(f"{sidecar}: out-of-distribution statistics have {stats.dim} "
-                                 f"features, the model's head {feature_dim}; the files do not "
-                                 "belong together")
-    else:
-        log.warning("%s: no out-of-distribution statistics; only the image-level checks run",
-                    sidecar)
+    retrain = f"re-run `dvc repro train@{name}` to write the model and its sidecar again"
+    if not info.ood:
+        # The train stage always writes them (save_classifier refuses to save without): an empty
+        # `ood` was edited by hand or comes from elsewhere, and without it any picture gets a
+        # verdict.
+        raise ModelLoadError(f"{sidecar}: has no out-of-distribution statistics (`ood` is "
+                             "empty), so the feature check cannot tell a chest X-ray from any "
+                             f"other picture; the pipeline always writes them, so {retrain}")
+    try:
+        stats = ood.OodStats(info.ood)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{sidecar}: unusable out-of-distribution statistics "
+                             f"({exc}); {retrain}") from exc
+    if stats.dim != feature_dim:
+        raise ModelLoadError(f"{sidecar}: out-of-distribution statistics have {stats.dim} "
+                             f"features, the model's head {feature_dim}; the files do not "
+                             "belong together")
     return LoadedModel(name=name, classifier=classifier, sha256=classifier.sha256,
                        pool_size=pool_size, ood_stats=stats)
 
 
 class _Group:
-    """Models that share one img_size and identical backbone weights: one backbone pass."""
+    """Models that share img_size, preprocessing and identical backbone weights: one input,
+    one backbone pass."""
 
     def __init__(self, models: list[LoadedModel]) -> None:
         self.models = models
         self.img_size = models[0].info.img_size
+        self.preprocessing = models[0].info.preprocess
         backbone = models[0].classifier.model.get_layer("backbone")
         heads = [m.classifier.model.get_layer("head") for m in models]
         spec = tf.TensorSpec([None, self.img_size, self.img_size, 3], tf.float32)
@@ -148,6 +162,11 @@ class _Group:
             return feature_maps, [head(feature_maps, training=False) for head in heads]
 
         self.infer = infer
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """A decoded uint8 RGB image -> the models' input batch ``(1, S, S, 3)``, by the one
+        preprocessing function training used, with the settings the models were trained with."""
+        return imaging.prepare_rgb(rgb, self.img_size, self.preprocessing)[np.newaxis]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         feature_maps, probs = self.infer(tf.convert_to_tensor(batch, dtype=tf.float32))
@@ -175,7 +194,7 @@ class PredictionService:
     def __init__(self, models: list[LoadedModel], max_pixels: int = imaging.MAX_PIXELS_DEFAULT,
                  share_backbone: bool = True, ood_tolerance: float = 1.0,
                  max_bytes: int = imaging.MAX_DECODED_BYTES_DEFAULT,
-                 decode_slots: int = DECODE_SLOTS_DEFAULT,
+                 decode_slots: int = DEFAULT_DECODE_SLOTS,
                  decode_wait_s: float = DECODE_WAIT_S) -> None:
         if not models:
             raise ModelLoadError("no models to serve")
@@ -187,13 +206,14 @@ class PredictionService:
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
         self.decode_wait_s = decode_wait_s
+        self.decode_slot_count = decode_slots
         self.decode_slots = threading.BoundedSemaphore(decode_slots)
         self.ood_tolerance = ood_tolerance
         self._gradcam_lock = threading.Lock()
-        groups: dict[tuple[int, str], list[LoadedModel]] = {}
+        groups: dict[tuple[int, Preprocessing, str], list[LoadedModel]] = {}
         for model in models:
             backbone = model.classifier.model.get_layer("backbone")
-            key = (model.info.img_size,
+            key = (model.info.img_size, model.info.preprocess,
                    weights_digest(backbone) if share_backbone else model.name)
             groups.setdefault(key, []).append(model)
         self.groups = [_Group(members) for members in groups.values()]
@@ -204,7 +224,7 @@ class PredictionService:
              max_pixels: int = imaging.MAX_PIXELS_DEFAULT, warm_up: bool = True,
              share_backbone: bool = True, ood_tolerance: float = 1.0,
              max_bytes: int = imaging.MAX_DECODED_BYTES_DEFAULT,
-             decode_slots: int = DECODE_SLOTS_DEFAULT) -> PredictionService:
+             decode_slots: int = DEFAULT_DECODE_SLOTS) -> PredictionService:
         """Load every model (``<models_dir>/<name>.keras`` + ``.json``) and warm them up.
 
         ``ood_tolerance`` scales the fitted feature-distance limit (1 = as fitted at training;
@@ -230,10 +250,17 @@ class PredictionService:
         self._run_models(rgb, gradcam=True)
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "models": {m.name: {**m.version(), "img_size": m.info.img_size,
-                                                    "ood_check": m.ood_stats is not None}
-                                           for m in self.models},
-                "shared_backbone": self.shared_backbone, "ood_tolerance": self.ood_tolerance}
+        """``/healthz``: each model's version, what it was trained on and how its input is
+        preprocessed, and the limits."""
+        return {"status": "ok",
+                "models": {m.name: {**m.version(), "img_size": m.info.img_size,
+                                    "preprocessing": m.info.preprocessing,
+                                    "training_source": m.info.training_source,
+                                    "training_data": m.info.trained_on}
+                           for m in self.models},
+                "shared_backbone": self.shared_backbone, "ood_tolerance": self.ood_tolerance,
+                "limits": {"max_pixels": self.max_pixels, "max_decoded_bytes": self.max_bytes,
+                           "decode_slots": self.decode_slot_count}}
 
     # -- the prediction ------------------------------------------------------------------------
 
@@ -306,8 +333,7 @@ class PredictionService:
         if refusals:
             result["in_distribution"] = False
             result["refused_by"] = "features"
-            result["message"] = ("This image is unlike the chest X-rays the models were trained "
-                                 "on, so no verdict is given. Upload a frontal (PA) chest X-ray.")
+            result["message"] = self.feature_refusal()
             for name, answer in answers.items():
                 answers[name] = self._no_verdict(self._model(name), answer["ood_distance"],
                                                  answer["timing_ms"])
@@ -315,6 +341,17 @@ class PredictionService:
         result["checks"]["features"] = {name: a["ood_distance"] for name, a in answers.items()}
         result["timing_ms"] = timing
         return result
+
+    def feature_refusal(self) -> str:
+        """The feature check's message: names the demo training data when that is the cause."""
+        demo = [m.name for m in self.models if m.info.trained_on_demo]
+        if not demo:
+            return REFUSAL
+        if len(demo) == len(self.models):
+            return DEMO_REFUSAL.format(who="these models were", they="they have",
+                                       they_refuse="they refuse")
+        return DEMO_REFUSAL.format(who=f"model {', '.join(demo)} was", they="it has",
+                                   they_refuse="it refuses")
 
     def _model(self, name: str) -> LoadedModel:
         return next(m for m in self.models if m.name == name)
@@ -332,8 +369,7 @@ class PredictionService:
         timing: dict[str, float] = {"preprocess": 0.0, "models": 0.0, "gradcam": 0.0}
         for group in self.groups:
             t0 = time.perf_counter()
-            resized = imaging.resize_square(rgb, group.img_size)
-            batch = imaging.to_model_input(resized)[np.newaxis]
+            batch = group.prepare(rgb)
             t1 = time.perf_counter()
             feature_maps, probs = group.run(batch)
             t2 = time.perf_counter()
@@ -356,12 +392,9 @@ class PredictionService:
     def _verdict(self, model: LoadedModel, probs: np.ndarray,
                  feature_maps: np.ndarray) -> dict[str, Any]:
         info = model.info
-        distance = None
-        in_distribution = True
-        if model.ood_stats is not None:
-            features = pooled_features(feature_maps, model.pool_size)
-            distance = round(float(model.ood_stats.scores(features)[0]), 4)
-            in_distribution = distance <= self.ood_tolerance
+        features = pooled_features(feature_maps, model.pool_size)
+        distance = round(float(model.ood_stats.scores(features)[0]), 4)
+        in_distribution = distance <= self.ood_tolerance
         covid = float(probs[info.positive_index])
         positive = model.classifier.is_positive(covid)
         negative_class = next(c for c in info.class_names if c != info.positive_class)
@@ -382,22 +415,45 @@ class PredictionService:
         """Grad-CAM for the COVID class, blended over the preview image, as a data: URL.
 
         ``feature_maps`` (the backbone output already computed for the verdict) saves a second
-        backbone pass per model.
+        backbone pass per model. The heatmap is mapped back onto the part of the upload the model
+        saw (:func:`heatmap_on_image`), so a cropped or padded input still lines up.
         """
         from covid_xray.gradcam import gradcam_heatmap, overlay
 
         with self._gradcam_lock:  # GradientTape on shared Keras layers: one at a time
             heatmap = gradcam_heatmap(model.classifier, image01, feature_map=feature_maps)
         shown = _preview(rgb)
-        heatmap = cv2.resize(heatmap, (shown.shape[1], shown.shape[0]),
-                             interpolation=cv2.INTER_LINEAR)
-        return _data_url(overlay(shown, heatmap))
+        return _data_url(overlay(shown, heatmap_on_image(heatmap, rgb.shape[:2], shown.shape[:2],
+                                                         model.info.preprocess)))
 
     # -- the same computation, without any API, for the benchmark --------------------------
 
     def scores_direct(self, batch01: np.ndarray) -> dict[str, np.ndarray]:
         """COVID scores of a preprocessed batch through each full Keras model (no sharing)."""
         return {m.name: m.classifier.covid_scores(batch01) for m in self.models}
+
+
+def heatmap_on_image(heatmap: np.ndarray, decoded_shape: tuple[int, int],
+                     shown_shape: tuple[int, int], preprocessing: Preprocessing) -> np.ndarray:
+    """A model-input heatmap ``(S, S)`` -> ``shown_shape``, aligned with the decoded image.
+
+    The part of the model input that came from the image (``imaging.view_geometry``'s target box:
+    all of it but ``pad``'s bars) is resized onto the part of the image the model saw (its source
+    box, scaled to ``shown_shape``); what the model never saw (``crop_border``, ``center_crop``'s
+    sides) stays 0. With the default stretch this is a plain resize of the whole heatmap.
+    """
+    height, width = decoded_shape
+    shown_h, shown_w = shown_shape
+    geometry = imaging.view_geometry(height, width, heatmap.shape[0], preprocessing)
+    top, bottom, left, right = geometry.source
+    y0, y1 = round(top * shown_h / height), round(bottom * shown_h / height)
+    x0, x1 = round(left * shown_w / width), round(right * shown_w / width)
+    ty0, ty1, tx0, tx1 = geometry.target
+    placed = np.zeros((shown_h, shown_w), dtype=np.float32)
+    if y1 > y0 and x1 > x0:
+        placed[y0:y1, x0:x1] = cv2.resize(np.ascontiguousarray(heatmap[ty0:ty1, tx0:tx1]),
+                                          (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    return placed
 
 
 def _rounded(measures: dict[str, float]) -> dict[str, float]:

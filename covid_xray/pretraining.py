@@ -31,10 +31,10 @@ from covid_xray.config import Paths
 from covid_xray.errors import PipelineError
 from covid_xray.evaluation import metrics_with_ci
 from covid_xray.features import save_weights_reproducibly
-from covid_xray.imaging import ImageDecodeError, prepare_file
+from covid_xray.imaging import ImageDecodeError, load_image, model_view
 from covid_xray.io import atomic_dir, sha256_file, write_csv, write_json
 from covid_xray.modeling import build_backbone
-from covid_xray.params import Params, PretrainParams
+from covid_xray.params import Params, Preprocessing, PretrainParams
 from covid_xray.pretrain_data import (
     IMAGES_COLUMNS,
     IMAGES_FILE,
@@ -53,13 +53,14 @@ DROPOUT = 0.3
 """Before the pretraining head's single unit (the head is discarded afterwards)."""
 
 
-def load_images(files: pd.Series, img_size: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode + resize with the shared imaging code, kept as uint8 (a quarter of float32's
-    memory; ``prepare_file`` is uint8 / 255, so the round trip is exact). Returns the images of
-    the readable files (in order) and ``(file, reason)`` of the others."""
+def load_images(files: pd.Series, img_size: int, preprocessing: Preprocessing
+                ) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """The model's view of each file (``imaging.model_view`` with ``params.preprocess``: what
+    featurize will show the backbone), kept as uint8, a quarter of float32's memory. Returns the
+    images of the readable files (in order) and ``(file, reason)`` of the others."""
     def one(file: str) -> np.ndarray | str:
         try:
-            return np.rint(prepare_file(file, img_size) * 255.0).astype(np.uint8)
+            return model_view(load_image(file), img_size, preprocessing)
         except (ImageDecodeError, OSError) as exc:
             return str(exc)
 
@@ -147,11 +148,11 @@ def pretrain(paths: Paths, params: Params, verbose: int = 2) -> dict[str, Any]:
     skipped: list[tuple[str, str]] = []
     for use in ("train", "val"):
         part = chosen.part(use)
-        images, bad = load_images(part["file"], settings.img_size)
+        images, bad = load_images(part["file"], settings.img_size, params.preprocess)
         good = part[~part["file"].isin({f for f, _ in bad})]
         arrays[use] = (images, _labels(good))
         skipped += bad
-    test_images, bad = load_images(chosen.test["file"], settings.img_size)
+    test_images, bad = load_images(chosen.test["file"], settings.img_size, params.preprocess)
     test = chosen.test[~chosen.test["file"].isin({f for f, _ in bad})]
     skipped += bad
     seconds["decode"] = time.perf_counter() - started
@@ -232,6 +233,6 @@ def kermany_test_at_size(backbone: keras.Model, model: keras.Model, test: pd.Dat
     for layer in model.get_layer("pretrain_head").layers:  # the trained layers, any map size
         x = layer(x)
     at_size = keras.Model(inputs, x)
-    images, _ = load_images(test["file"], size)
+    images, _ = load_images(test["file"], size, params.preprocess)
     return kermany_test_metrics(test, score(at_size, images), params.validate.bootstrap,
                                 params.seed)

@@ -13,12 +13,21 @@ easy that is, per model, on all of the model's images (train + val + test):
 
 Both are standardised and scored by cross-validated ROC AUC, grouped by patient when possible.
 
-(a) is blind to disease by construction, so it alone decides ``fired``: above the threshold, the
-labels are predictable from acquisition/source, and the stage log says so. (b) is reported beside
-it (``random_fired``, and its own warning) but cannot tell source from disease: an untrained
-network also sees a strong disease pattern. On the demo data without the planted artefact, (a) is
-0.71 / 0.64 and (b) 0.91 / 0.90 (the synthetic lesions are plain to see); on the real data the
-issue measured (b) at 0.999.
+Each probe runs twice: on the FILES (``raw``: the statistics above; the backbone on the seed's
+stretched image) and on what the MODEL SEES (``model_input``: the output of
+``imaging.model_view`` with ``params.preprocess`` at ``model.img_size``; its statistics are the
+pixel ones, colourfulness, mean, spread and border mean, since size, format, bit depth and
+channels no longer exist there). A harmonisation that works (``preprocess.grayscale`` against
+colour-tinted storage, ``crop_border`` against burnt-in frames) shows as a lower model-input AUC,
+while the raw AUC, a property of the collections, stays.
+
+(a) is blind to disease by construction, so it decides ``fired``, on the model input: above the
+threshold, the labels are predictable from acquisition/source in what the model is given, and the
+stage log says so (the raw AUC gets its own line). (b) is reported beside it (``random_fired``,
+and its own warning) but cannot tell source from disease: an untrained network also sees a strong
+disease pattern. On the demo data without the planted artefact, raw (a) is 0.70 / 0.64 and (b)
+0.90 / 0.89 (the synthetic lesions are plain to see); on the real data the issue measured (b) at
+0.999.
 """
 
 from __future__ import annotations
@@ -44,12 +53,15 @@ from tqdm import tqdm
 
 from covid_xray.errors import PipelineError
 from covid_xray.imaging import (
+    DEFAULT_PREPROCESSING,
     ImageDecodeError,
     decode_image,
+    model_views,
     read_image_info,
     resize_square,
     to_model_input,
 )
+from covid_xray.params import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +69,11 @@ PROBE_MAX_IMG_SIZE = 64
 """The random backbone sees images at min(model.img_size, 64) px: a random network's low-level
 features need no detail, and VGG16 at 64 px costs 1/12 of 224 px (seconds on demo data)."""
 BORDER_FRACTION = 0.05
+PIXEL_FEATURES: tuple[str, ...] = ("colour", "mean", "std", "border_mean")
+"""Statistics of the pixels alone: all the model-input probe has (its size and format are fixed)."""
 NUMERIC_FEATURES: tuple[str, ...] = ("width", "height", "aspect", "bit_depth", "channels",
-                                     "colour", "mean", "std", "border_mean")
+                                     *PIXEL_FEATURES)
+RAW, MODEL_INPUT = "raw", "model_input"
 DEGRAVE = "See DeGrave et al. 2021 (Nature Machine Intelligence, doi:10.1038/s42256-021-00338-7)."
 
 
@@ -69,13 +84,20 @@ def probe_img_size(model_img_size: int) -> int:
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """What the probes need from one file: its trivial statistics and a small RGB thumbnail."""
+    """What the probes need from one file: its trivial statistics and small RGB thumbnails, of
+    the file as stored and of the model's input."""
 
     sha256: str
     stats: dict[str, float]
     format: str
     thumbnail: np.ndarray
-    """uint8 RGB ``(S, S, 3)``, resized with the pipeline's own :func:`resize_square`."""
+    """uint8 RGB ``(S, S, 3)``, resized with the pipeline's own :func:`resize_square` (the
+    seed's stretch, nothing else)."""
+    model_stats: dict[str, float]
+    """:data:`PIXEL_FEATURES` of the model input (``model_view`` at the model's size)."""
+    model_thumbnail: np.ndarray
+    """The model input at the thumbnail size (``model_view`` with the run's preprocessing);
+    equal to ``thumbnail`` with the default preprocessing."""
 
 
 def border_mean(grey: np.ndarray, fraction: float = BORDER_FRACTION) -> float:
@@ -88,30 +110,42 @@ def border_mean(grey: np.ndarray, fraction: float = BORDER_FRACTION) -> float:
     return float(grey[mask].mean())
 
 
-def describe_image(data: bytes, thumb_size: int, sha256: str | None = None) -> ImageRecord:
-    """Trivial statistics of one image (header + decoded pixels) and its thumbnail."""
-    info = read_image_info(data)
-    rgb = decode_image(data)
+def pixel_stats(rgb: np.ndarray) -> dict[str, float]:
+    """:data:`PIXEL_FEATURES` of a uint8 RGB image: colourfulness (mean channel differences),
+    mean and spread of the grey level, mean of the outer frame; all in [0, 1] units."""
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
     channels = rgb.astype(np.int16)
     colour = float(np.abs(channels[..., 0] - channels[..., 1]).mean()
                    + np.abs(channels[..., 1] - channels[..., 2]).mean()) / 255.0
+    return {"colour": colour, "mean": float(grey.mean()), "std": float(grey.std()),
+            "border_mean": border_mean(grey)}
+
+
+def describe_image(data: bytes, thumb_size: int, sha256: str | None = None,
+                   preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
+                   model_size: int | None = None) -> ImageRecord:
+    """Trivial statistics and thumbnails of one image: of the file (header + decoded pixels)
+    and of the model input (``preprocessing`` at ``model_size``, default ``thumb_size``)."""
+    info = read_image_info(data)
+    rgb = decode_image(data)
     stats = {
         "width": float(info.width),
         "height": float(info.height),
         "aspect": info.width / info.height,
         "bit_depth": float(info.bit_depth),
         "channels": float(Image.getmodebands(info.mode)),
-        "colour": colour,
-        "mean": float(grey.mean()),
-        "std": float(grey.std()),
-        "border_mean": border_mean(grey),
+        **pixel_stats(rgb),
     }
+    model_size = model_size or thumb_size
+    model_view, model_thumbnail = model_views(rgb, (model_size, thumb_size), preprocessing)
     return ImageRecord(sha256=sha256 or hashlib.sha256(data).hexdigest(), stats=stats,
-                       format=info.format, thumbnail=resize_square(rgb, thumb_size))
+                       format=info.format, thumbnail=resize_square(rgb, thumb_size),
+                       model_stats=pixel_stats(model_view), model_thumbnail=model_thumbnail)
 
 
-def describe_files(files: Sequence[Path], thumb_size: int, progress: bool = True
+def describe_files(files: Sequence[Path], thumb_size: int, progress: bool = True,
+                   preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
+                   model_size: int | None = None
                    ) -> tuple[dict[Path, ImageRecord], list[tuple[Path, str]]]:
     """:func:`describe_image` for every file; undecodable ones are skipped and returned.
 
@@ -127,7 +161,8 @@ def describe_files(files: Sequence[Path], thumb_size: int, progress: bool = True
             data = file.read_bytes()
             sha = hashlib.sha256(data).hexdigest()
             if sha not in by_sha:
-                by_sha[sha] = describe_image(data, thumb_size, sha256=sha)
+                by_sha[sha] = describe_image(data, thumb_size, sha256=sha,
+                                             preprocessing=preprocessing, model_size=model_size)
             records[file] = by_sha[sha]
         except (ImageDecodeError, OSError) as exc:
             skipped.append((file, str(exc)))
@@ -139,8 +174,15 @@ def unique_records(records: Mapping[Path, ImageRecord]) -> list[ImageRecord]:
     return [r for _, r in sorted({r.sha256: r for r in records.values()}.items())]
 
 
-def trivial_matrix(records: Sequence[ImageRecord]) -> tuple[np.ndarray, list[str]]:
-    """Rows of trivial statistics plus one-hot file format columns (``format=png``...)."""
+def trivial_matrix(records: Sequence[ImageRecord], what: str = RAW
+                   ) -> tuple[np.ndarray, list[str]]:
+    """Rows of trivial statistics: of the files (``raw``: :data:`NUMERIC_FEATURES` plus one-hot
+    file format columns, ``format=png``...) or of the model inputs (``model_input``:
+    :data:`PIXEL_FEATURES`)."""
+    if what == MODEL_INPUT:
+        rows = [[record.model_stats[name] for name in PIXEL_FEATURES] for record in records]
+        return (np.asarray(rows, dtype=np.float64).reshape(len(records), len(PIXEL_FEATURES)),
+                list(PIXEL_FEATURES))
     formats = sorted({record.format for record in records})
     names = [*NUMERIC_FEATURES, *(f"format={fmt}" for fmt in formats)]
     rows = [[record.stats[name] for name in NUMERIC_FEATURES]
@@ -162,7 +204,7 @@ def random_backbone_features(thumbnails: np.ndarray, backbone: str, seed: int,
     for start in tqdm(range(0, len(thumbnails), batch_size), desc="probe: random features",
                       unit="batch", disable=not progress):
         batch = to_model_input(thumbnails[start:start + batch_size])
-        maps = np.asarray(model([batch], training=False))  # inputs are a list of one
+        maps = np.asarray(model(batch, training=False))
         batches.append(maps.mean(axis=(1, 2)))
     channels = int(model.output_shape[-1])
     return np.concatenate(batches) if batches else np.zeros((0, channels), dtype=np.float32)
@@ -227,68 +269,116 @@ def top_features(features: np.ndarray, labels: np.ndarray, names: Sequence[str],
 
 
 @dataclass(frozen=True)
+class Probes:
+    """Both probes on one view of the images (the files, or the model inputs)."""
+
+    trivial: CvResult
+    random: CvResult
+    top_trivial: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
 class ProbeResult:
-    """Both probes of one model, and whether either crossed the threshold."""
+    """Both probes of one model, on the files and on the model inputs, against the threshold."""
 
     model: str
     positive: str
     negative: str
     images: int
     skipped: int
-    trivial: CvResult
-    random: CvResult
-    top_trivial: list[tuple[str, float]]
+    raw: Probes
+    model_input: Probes
     threshold: float
     backbone: str
     img_size: int
+    """The backbone's input size (:func:`probe_img_size`)."""
+    model_img_size: int
+    preprocessing: Preprocessing = DEFAULT_PREPROCESSING
+
+    def _above(self, result: CvResult) -> bool:
+        return result.auc is not None and result.auc > self.threshold
+
+    @property
+    def raw_fired(self) -> bool:
+        """The files' statistics separate the classes (a property of the collections)."""
+        return self._above(self.raw.trivial)
 
     @property
     def trivial_fired(self) -> bool:
-        return self.trivial.auc is not None and self.trivial.auc > self.threshold
+        """The model inputs' statistics separate the classes."""
+        return self._above(self.model_input.trivial)
 
     @property
     def random_fired(self) -> bool:
-        return self.random.auc is not None and self.random.auc > self.threshold
+        """An untrained backbone separates the classes on the model inputs."""
+        return self._above(self.model_input.random)
 
     @property
     def fired(self) -> bool:
-        """The shortcut verdict: the disease-blind statistics separate the classes."""
+        """The shortcut verdict: disease-blind statistics of what the model is given separate
+        the classes."""
         return self.trivial_fired
 
     def metrics(self) -> dict[str, Any]:
-        """One entry of metrics/probe.json (AUCs rounded: they are estimates on few images)."""
+        """One entry of metrics/probe.json: four AUCs and the verdict (rounded: estimates on few
+        images); the rest is in :meth:`details`."""
         return {
-            "trivial_stats_auc": _round(self.trivial.auc),
-            "random_features_auc": _round(self.random.auc),
-            "threshold": self.threshold,
+            RAW: {"stats_auc": _round(self.raw.trivial.auc),
+                  "backbone_auc": _round(self.raw.random.auc)},
+            MODEL_INPUT: {"stats_auc": _round(self.model_input.trivial.auc),
+                          "backbone_auc": _round(self.model_input.random.auc)},
             "fired": self.fired,
-            "trivial_fired": self.trivial_fired,
+        }
+
+    def details(self) -> dict[str, Any]:
+        """What the report and a reader need beyond the metrics (``reports/probe/details.json``)."""
+        return {
+            **self.metrics(),
+            "threshold": self.threshold,
+            "raw_fired": self.raw_fired,
             "random_fired": self.random_fired,
-            "top_trivial_features": [name for name, _ in self.top_trivial],
+            "raw_random_fired": self._above(self.raw.random),
+            "top_raw_features": [name for name, _ in self.raw.top_trivial],
+            "top_model_input_features": [name for name, _ in self.model_input.top_trivial],
             "images": self.images,
             "skipped": self.skipped,
-            "folds": self.trivial.folds,
-            "grouped_by_patient": self.trivial.grouped,
+            "folds": self.raw.trivial.folds,
+            "grouped_by_patient": self.raw.trivial.grouped,
             "backbone": self.backbone,
             "probe_img_size": self.img_size,
+            "model_img_size": self.model_img_size,
+            "preprocess": self.preprocessing.as_dict(),
+            "preprocessing": self.preprocessing.describe(),
         }
 
     def warnings(self) -> list[str]:
         """The lines the stage log must show when a probe fires."""
         lines = []
         if self.trivial_fired:
-            top = ", ".join(f"{name} ({coef:+.2f})" for name, coef in self.top_trivial[:3])
+            top = ", ".join(f"{name} ({coef:+.2f})"
+                            for name, coef in self.model_input.top_trivial[:3])
             lines.append(
                 f"WARNING {self.model}: image statistics alone separate {self.positive} from "
-                f"{self.negative} (AUC {self.trivial.auc:.2f} > {self.threshold:.2f}; strongest: "
-                f"{top}): the model may be learning the data SOURCE, not disease. {DEGRAVE}")
+                f"{self.negative} in the model's input (AUC {self.model_input.trivial.auc:.2f} > "
+                f"{self.threshold:.2f}; strongest: {top}): the model may be learning the data "
+                f"SOURCE, not disease. {DEGRAVE}")
+        if self.raw_fired:
+            top = ", ".join(f"{name} ({coef:+.2f})" for name, coef in self.raw.top_trivial[:3])
+            seen = ("and the model's input still shows it" if self.trivial_fired else
+                    f"but the model's input does not (AUC {_fmt(self.model_input.trivial.auc)}): "
+                    "the preprocessing hides those statistics")
+            lines.append(
+                f"WARNING {self.model}: the FILES of {self.positive} and {self.negative} differ "
+                f"in storage and exposure (statistics AUC {self.raw.trivial.auc:.2f} > "
+                f"{self.threshold:.2f}; strongest: {top}), {seen}.")
         if self.random_fired:
             lines.append(
                 f"WARNING {self.model}: an UNTRAINED {self.backbone} (random weights) separates "
-                f"{self.positive} from {self.negative} (AUC {self.random.auc:.2f} > "
-                f"{self.threshold:.2f}): the classes differ in appearance a network sees without "
-                "any training (source or disease: this probe cannot tell which), so a high test "
-                f"score alone is no evidence of disease detection. {DEGRAVE}")
+                f"{self.positive} from {self.negative} in the model's input (AUC "
+                f"{self.model_input.random.auc:.2f} > {self.threshold:.2f}): the classes differ in "
+                "appearance a network sees without any training (source or disease: this probe "
+                f"cannot tell which), so a high test score alone is no evidence of disease "
+                f"detection. {DEGRAVE}")
         return lines
 
 
@@ -296,15 +386,24 @@ def _round(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else round(value, 4)
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+NO_RESULT = CvResult(auc=None, folds=0, grouped=False)
+
+
 def probe_model(model: str, files: Sequence[Path], labels: Sequence[str],
                 patients: Sequence[str], records: Mapping[Path, ImageRecord],
-                random_features: Mapping[str, np.ndarray] | None, *, positive: str,
-                negative: str, threshold: float, folds: int, seed: int, backbone: str,
-                img_size: int) -> ProbeResult:
-    """Run both probes on one model's images (files missing from ``records`` were undecodable).
+                random_features: Mapping[str, Mapping[str, np.ndarray]] | None, *,
+                positive: str, negative: str, threshold: float, folds: int, seed: int,
+                backbone: str, img_size: int, model_img_size: int | None = None,
+                preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> ProbeResult:
+    """Run both probes on one model's images, on the files and on the model inputs (files
+    missing from ``records`` were undecodable).
 
-    ``random_features`` maps a record's SHA-256 to its pooled random-backbone features; None skips
-    probe (b) (its AUC is then None).
+    ``random_features`` maps ``raw`` and ``model_input`` to {record SHA-256: pooled
+    random-backbone features}; None skips probe (b) (its AUCs are then None).
     """
     unknown = sorted(set(labels) - {positive, negative})
     if unknown:
@@ -312,19 +411,39 @@ def probe_model(model: str, files: Sequence[Path], labels: Sequence[str],
                             f"{positive!r} nor {negative!r}; the split file does not belong to "
                             "this model (re-run the split stage)")
     keep = [i for i, file in enumerate(files) if file in records]
-    kept_files = [files[i] for i in keep]
+    kept = [records[files[i]] for i in keep]
     y = np.array([labels[i] == positive for i in keep], dtype=int)
     # an image without a patient id is its own group
     groups = [patients[i] or f"file:{os.fspath(files[i])}" for i in keep]
-    x_trivial, names = trivial_matrix([records[f] for f in kept_files])
-    trivial = cross_validated_auc(x_trivial, y, groups, folds, seed)
-    if random_features is not None and kept_files:
-        x_random = np.stack([random_features[records[f].sha256]
-                             for f in kept_files]).astype(np.float64)
-        random = cross_validated_auc(x_random, y, groups, folds, seed)
-    else:
-        random = CvResult(auc=None, folds=0, grouped=False)
+
+    def probes(what: str) -> Probes:
+        x_trivial, names = trivial_matrix(kept, what)
+        trivial = cross_validated_auc(x_trivial, y, groups, folds, seed)
+        random = NO_RESULT
+        if random_features is not None and kept:
+            x_random = np.stack([random_features[what][r.sha256] for r in kept])
+            random = cross_validated_auc(x_random.astype(np.float64), y, groups, folds, seed)
+        return Probes(trivial=trivial, random=random,
+                      top_trivial=top_features(x_trivial, y, names))
+
     return ProbeResult(model=model, positive=positive, negative=negative, images=len(keep),
-                       skipped=len(files) - len(keep), trivial=trivial, random=random,
-                       top_trivial=top_features(x_trivial, y, names), threshold=threshold,
-                       backbone=backbone, img_size=img_size)
+                       skipped=len(files) - len(keep), raw=probes(RAW),
+                       model_input=probes(MODEL_INPUT), threshold=threshold, backbone=backbone,
+                       img_size=img_size, model_img_size=model_img_size or img_size,
+                       preprocessing=preprocessing)
+
+
+def probe_random_features(records: Sequence[ImageRecord], backbone: str, seed: int,
+                          progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """Pooled random-backbone features of each distinct record, of its file's thumbnail
+    (``raw``) and of its model input (``model_input``); one pass when both are the same pixels
+    (the default preprocessing)."""
+    def run(thumbnails: list[np.ndarray]) -> dict[str, np.ndarray]:
+        if not thumbnails:
+            return {}
+        rows = random_backbone_features(np.stack(thumbnails), backbone, seed, progress=progress)
+        return {r.sha256: row for r, row in zip(records, rows, strict=True)}
+
+    raw = run([r.thumbnail for r in records])
+    same = all(np.array_equal(r.thumbnail, r.model_thumbnail) for r in records)
+    return {RAW: raw, MODEL_INPUT: raw if same else run([r.model_thumbnail for r in records])}

@@ -1,8 +1,12 @@
-"""The run report (``reports/report.md``) and a model card beside each model.
+"""The run report (``reports/report.md``), a model card beside each model and
+``metrics/data.json``.
 
-Both are generated from the metrics files of the same run, so they can never disagree with
-``dvc metrics show``; both say plainly what the numbers do NOT show (tiny test sets, source
-shortcuts, paediatric vs adult images).
+The report and cards are generated from the same run's output files (the detailed ones:
+``reports/<stage>/details.json`` hold every figure, ``metrics/*.json`` only the few tracked by
+DVC), so they can never disagree with ``dvc metrics show``; both say plainly what the numbers do
+NOT show (tiny test sets, source shortcuts, paediatric vs adult images). ``metrics/data.json`` is
+the data stages at a glance for ``dvc metrics show`` / ``dvc exp show``: their own files hold
+every count and are plain outputs (tracked, they were ~100 columns).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import pandas as pd
 
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths
 from covid_xray.errors import PipelineError
-from covid_xray.io import atomic_path, write_text
+from covid_xray.io import atomic_path, write_json, write_text
 
 DISCLAIMER = ("**Educational and research use only: not a diagnostic device.** Do not use these "
               "models to diagnose, treat or triage anyone.")
@@ -49,6 +53,7 @@ class RunMetrics:
 
     @classmethod
     def load(cls, paths: Paths) -> RunMetrics:
+        """The detailed files of evaluate, validate and probe, and the data stages' counts."""
         def read(path: Path, required: bool = True) -> dict[str, Any]:
             if not path.is_file():
                 if required:
@@ -61,8 +66,8 @@ class RunMetrics:
         return cls(
             selection=read(m / "selection.json"), copy_images=read(m / "copy_images.json"),
             split=read(m / "split.json"), audit=read(m / "audit.json"),
-            probe=read(m / "probe.json"), evaluate=read(m / "evaluate.json"),
-            validate=read(m / "validate.json"),
+            probe=read(paths.details("probe")), evaluate=read(paths.details("evaluate")),
+            validate=read(paths.details("validate")),
             models={name: read(paths.models / f"{name}.json") for name in MODEL_NAMES},
             source=read(paths.raw / "SOURCE.json", required=False))
 
@@ -120,22 +125,33 @@ def heldout_table(run: RunMetrics, model: str) -> str:
 
 
 def probe_lines(run: RunMetrics) -> list[str]:
-    """Plain-language verdict of the shortcut probe, one bullet per model."""
+    """Plain-language verdict of the shortcut probe, one bullet per model: the files' AUCs beside
+    the model inputs' (a harmonisation that works lowers the second)."""
     lines = []
     for model in MODEL_NAMES:
         p = run.probe.get(model)
         if not p:
             continue
-        verdict = ("**FIRED: image statistics alone separate the classes; the model may be "
-                   "learning the data source, not disease.**" if p.get("fired")
-                   else "below the threshold for image statistics")
+        d = run.probe.get(model, {})
+        raw, seen = p.get("raw", {}), p.get("model_input", {})
+        verdict = ("**FIRED: image statistics of the model's input alone separate the classes; "
+                   "the model may be learning the data source, not disease.**" if p.get("fired")
+                   else "below the threshold for image statistics of the model's input")
         extra = (" An untrained network with random weights also separates them "
-                 f"(AUC {fmt(p.get('random_features_auc'))}), so the classes differ in ways a "
-                 "network sees without any training." if p.get("random_fired") else "")
-        lines.append(f"- {TITLES[model]}: trivial-statistics AUC {fmt(p.get('trivial_stats_auc'))}"
-                     f", random-backbone AUC {fmt(p.get('random_features_auc'))} (threshold "
-                     f"{fmt(p.get('threshold'), 2)}): {verdict}.{extra} Most telling statistics: "
-                     f"{', '.join(p.get('top_trivial_features', [])[:3]) or 'n/a'}.")
+                 f"(AUC {fmt(seen.get('backbone_auc'))}), so the classes differ in ways a "
+                 "network sees without any training." if d.get("random_fired") else "")
+        lines.append(
+            f"- {TITLES[model]}: image-statistics AUC {fmt(raw.get('stats_auc'))} on the files, "
+            f"{fmt(seen.get('stats_auc'))} on the model's input; untrained-backbone AUC "
+            f"{fmt(raw.get('backbone_auc'))} / {fmt(seen.get('backbone_auc'))} (threshold "
+            f"{fmt(d.get('threshold'), 2)}): {verdict}.{extra} Most telling statistics: "
+            f"{', '.join(d.get('top_raw_features', [])[:3]) or 'n/a'} (files), "
+            f"{', '.join(d.get('top_model_input_features', [])[:3]) or 'n/a'} (model input).")
+    preprocessing = next((d.get("preprocessing") for d in run.probe.values()
+                          if d.get("preprocessing")), None)
+    if lines and preprocessing:
+        lines.append(f"- Model input: `{preprocessing}` (`preprocess` in params.yaml), at "
+                     f"{next(iter(run.probe.values())).get('model_img_size')} px.")
     return lines
 
 
@@ -178,6 +194,10 @@ def data_lines(run: RunMetrics) -> list[str]:
     lines.append(f"- Unreadable or duplicate files skipped (listed in data/datasets/skipped.csv): "
                  f"{skipped}.")
     lines += disjoint_lines(c)
+    unscored = run.validate.get("skipped_images", 0)
+    if unscored:
+        lines.append(f"- Held-out or external images without cached features, left out of "
+                     f"validation (listed in reports/validate/skipped.csv): {unscored}.")
     return lines
 
 
@@ -197,6 +217,24 @@ def disjoint_lines(copy_images: dict[str, Any]) -> list[str]:
             f"{groups.get('patients_in_merged', 0)} patient ids that share a picture "
             f"({groups.get('images_regrouped', 0)} manifest rows regrouped); the split keeps "
             "each group on one side."]
+
+
+def data_summary(run: RunMetrics) -> dict[str, Any]:
+    """``metrics/data.json``: what the data stages produced, in the few numbers worth comparing
+    across experiments (their own files, plain outputs, hold every count)."""
+    skipped = run.copy_images.get("skipped", {})
+    excluded = run.copy_images.get("excluded", {})
+    return {
+        "covid_rows": {"selected": run.selection.get("rows_selected"),
+                       "heldout": run.selection.get("rows_heldout")},
+        "images": {"total": run.copy_images.get("images_total"),
+                   "skipped": skipped.get("total") if isinstance(skipped, dict) else None,
+                   "excluded": excluded.get("total") if isinstance(excluded, dict) else None},
+        "split_patient_overlap": sum(run.split.get(model, {}).get("patient_overlap", 0)
+                                     for model in MODEL_NAMES),
+        "audit": {"passed": run.audit.get("passed"),
+                  "leaks": run.audit.get("leaks", {}).get("total")},
+    }
 
 
 def _save_figure(figure: plt.Figure, target: Path) -> None:
@@ -248,11 +286,12 @@ def draw_figures(paths: Paths, folder: Path) -> list[str]:
     return names
 
 
-def gradcam_gallery(paths: Paths, model: str, relative_to: Path, limit: int = 8) -> list[str]:
-    folder = paths.plots / "gradcam" / model
-    images = sorted(folder.glob("*.png"))[:limit] if folder.is_dir() else []
-    return [f"![{image.stem}]({Path(os.path.relpath(image, relative_to)).as_posix()})"
-            for image in images]
+def gradcam_gallery(paths: Paths, model: str, relative_to: Path) -> list[str]:
+    """The model's Grad-CAM grid (validate's plots/gradcam/<model>.png), linked, not copied."""
+    grid = paths.plots / "gradcam" / f"{model}.png"
+    if not grid.is_file():
+        return ["No Grad-CAM examples (`validate.gradcam_images` is 0)."]
+    return [f"![{model} Grad-CAM]({Path(os.path.relpath(grid, relative_to)).as_posix()})"]
 
 
 def render_report(run: RunMetrics, paths: Paths, figures: Sequence[str]) -> str:
@@ -279,11 +318,14 @@ def render_report(run: RunMetrics, paths: Paths, figures: Sequence[str]) -> str:
     out += ["## Shortcut probe", "",
             "Can the classes be told apart without looking at disease? Cross-validated ROC AUC "
             "of a linear classifier on trivial image statistics (size, format, bit depth, "
-            "intensity, border) and on features of an untrained backbone.", "",
+            "intensity, border) and on features of an untrained backbone, measured on the files "
+            "and on the model's input (after `preprocess`). The files' numbers describe the "
+            "collections; the model input's are what the model can exploit.", "",
             *probe_lines(run), ""]
     out += ["## Plots", ""] + [f"![{name}](figures/{name})" for name in figures] + [""]
     out += ["## Grad-CAM gallery", "",
-            "Where each model looked (red = most influence on the COVID score).", ""]
+            "Where each model looked (red = most influence on the COVID score): a row per set, "
+            "each tile captioned with its set, true label, score and verdict.", ""]
     for model in MODEL_NAMES:
         out += [f"### {TITLES[model]}", "", *gradcam_gallery(paths, model, paths.reports), ""]
     out += ["## Limitations", "", *LIMITATIONS, ""]
@@ -355,16 +397,21 @@ def render_model_card(run: RunMetrics, model: str) -> str:
            "- The two classes come from different populations and sources: the model may learn "
            "age, hospital or file format instead of disease.", "",
            "## Metrics", "", results_table(run, model), "",
-           f"Shortcut probe: trivial-statistics AUC {fmt(probe.get('trivial_stats_auc'))}, "
-           f"random-backbone AUC {fmt(probe.get('random_features_auc'))}"
+           "Shortcut probe (files / model input): image-statistics AUC "
+           f"{fmt(probe.get('raw', {}).get('stats_auc'))} / "
+           f"{fmt(probe.get('model_input', {}).get('stats_auc'))}, untrained-backbone AUC "
+           f"{fmt(probe.get('raw', {}).get('backbone_auc'))} / "
+           f"{fmt(probe.get('model_input', {}).get('backbone_auc'))}"
            + (" (**fired**)." if probe.get("fired") else "."), "",
            "## Limitations", "", *LIMITATIONS, ""]
     return "\n".join(out)
 
 
 def build_report(paths: Paths) -> dict[str, Any]:
-    """Write reports/report.md, reports/figures/*.png and models/<model>.card.md."""
+    """Write reports/report.md, reports/figures/*.png, models/<model>.card.md and
+    metrics/data.json."""
     run = RunMetrics.load(paths)
+    write_json(paths.metrics / "data.json", data_summary(run))
     figures_dir = paths.reports / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     for stale in figures_dir.glob("*.png"):

@@ -23,6 +23,7 @@ from covid_xray.modeling import (
     pooled_features,
     save_classifier,
 )
+from covid_xray.params import Preprocessing
 
 SMOKE_CLASSES: dict[str, tuple[str, str]] = {name: (POSITIVE_CLASS, NEGATIVE_CLASS[name])
                                              for name in MODEL_NAMES}
@@ -82,22 +83,31 @@ def ensure_smoke_models(models_dir: Path | str, sample_dir: Path | str | None = 
            for ext in (".keras", ".json")):
         return models_dir
     images = demo_images_by_class()
+    source = ("demo", "synthetic demo images (stand-in test models)")
     if sample_dir is not None:
         for label, extra in sample_images_by_class(sample_dir).items():
             images[label] = [*images[label], *extra]
-    return build_smoke_models(models_dir, images, img_size=img_size, pool_size=pool_size)
+        source = (f"local:{Path(sample_dir).name}", "synthetic demo images plus the real X-ray "
+                  f"sample {Path(sample_dir).name}/ (stand-in test models)")
+    return build_smoke_models(models_dir, images, img_size=img_size, pool_size=pool_size,
+                              training_source=source)
 
 
 def build_smoke_models(models_dir: Path | str, images_by_class: dict[str, Sequence[np.ndarray]],
                        img_size: int = 32, pool_size: int = 1, dense_nodes: int = 8,
-                       epochs: int = 10, seed: int = 0) -> Path:
+                       epochs: int = 10, seed: int = 0,
+                       preprocessing: Preprocessing = imaging.DEFAULT_PREPROCESSING,
+                       training_source: tuple[str, str] = ("demo", "synthetic demo images")
+                       ) -> Path:
     """Write real (small) classifiers in the pipeline's saved format, without the pipeline.
 
     One random frozen VGG16 backbone (``weights=none``, shared by both models as after one
     featurize run); each head briefly fitted on its two classes of ``images_by_class`` (uint8
     RGB; keys ``covid``, ``normal``, ``pneumonia``); OOD statistics fitted on the same images,
-    as the train stage does. The verdicts mean nothing medically; the files exercise every code
-    path of the service exactly as the pipeline's models do.
+    as the train stage does; ``training_source`` is the sidecar's ``(training_source,
+    training_data)``. The verdicts mean nothing medically; the files exercise every code
+    path of the service exactly as the pipeline's models do. ``preprocessing`` is applied to the
+    images and recorded in the sidecars, as featurize and train do.
     """
     from covid_xray.tf_runtime import keras
     from covid_xray.training import LOSS
@@ -107,7 +117,7 @@ def build_smoke_models(models_dir: Path | str, images_by_class: dict[str, Sequen
     backbone = build_backbone("vgg16", img_size, "none", seed=seed)
     maps: dict[str, np.ndarray] = {}
     for label, images in images_by_class.items():
-        batch = np.stack([imaging.to_model_input(imaging.resize_square(image, img_size))
+        batch = np.stack([imaging.prepare_rgb(image, img_size, preprocessing)
                           for image in images])
         maps[label] = np.asarray(backbone.predict(batch, batch_size=16, verbose=0))
     for offset, (name, (positive, negative)) in enumerate(SMOKE_CLASSES.items()):
@@ -121,11 +131,13 @@ def build_smoke_models(models_dir: Path | str, images_by_class: dict[str, Sequen
         head.fit(feature_maps, np.stack([y, 1 - y], axis=1), epochs=epochs, batch_size=16,
                  verbose=0)
         info = ModelInfo(model_name=name, class_names=[positive, negative],
-                         positive_class=POSITIVE_CLASS, img_size=img_size, backbone="vgg16",
+                         positive_class=POSITIVE_CLASS, img_size=img_size,
+                         preprocess=preprocessing, backbone="vgg16",
                          weights="none", threshold=0.5, revision="smoke-test",
                          params={"pool_size": pool_size, "dense_nodes": dense_nodes,
                                  "epochs": epochs, "seed": seed},
-                         ood=ood.fit_ood_stats(features, seed=seed))
+                         ood=ood.fit_ood_stats(features, seed=seed),
+                         training_source=training_source[0], training_data=training_source[1])
         save_classifier(assemble_classifier(backbone, head, name), info,
                         models_dir / f"{name}.keras")
     return models_dir

@@ -1,7 +1,8 @@
 """Stage evaluate: both models on their test split, at each model's stored threshold.
 
-Outputs: metrics/evaluate.json (accuracy, sensitivity, specificity, precision, F1, ROC AUC, each
-with a bootstrap 95% interval), plots/evaluate/<model>_{confusion,roc}.csv,
+Outputs: reports/evaluate/details.json (accuracy, sensitivity, specificity, precision, F1, ROC
+AUC, each with a bootstrap 95% interval, counts), metrics/evaluate.json (ROC AUC, sensitivity and
+specificity with their intervals: what DVC tracks), plots/evaluate/<model>_{confusion,roc}.csv,
 reports/evaluate/<model>_classification_report.txt.
 """
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 
 from covid_xray.config import Paths
-from covid_xray.features import featurize, featurize_metrics
+from covid_xray.features import backbone_weights, featurize, featurize_metrics
 from covid_xray.io import run_stage, write_json
+from covid_xray.modeling import check_backbone_weights
 from covid_xray.params import load_params
 
 log = logging.getLogger("covid_xray.featurize")
@@ -22,11 +23,17 @@ log = logging.getLogger("covid_xray.featurize")
 def main() -> None:
     paths = Paths()
     params = load_params(paths.params)
+    # First, before any image is read: a weights file that cannot load into the backbone (or
+    # ImageNet offline) stops here in one line naming the file and what was expected.
+    check_backbone_weights(params.backbone, params.model.img_size,
+                           backbone_weights(paths, params), paths.root)
     info = featurize(paths, params)
     write_json(paths.metrics / "featurize.json", featurize_metrics(info))
-    log.info("featurized %d images -> %d rows (%d rotated copies) %s in %.1f s, %.2f images/s; "
-             "%d skipped", info["images"], info["rows"], info["rotated_rows"],
-             tuple(info["feature_shape"]), info["seconds"], info["images_per_s"],
+    log.info("featurized %d images -> %d rows (%d rotated copies) %s in %.1f s, %.2f images/s "
+             "on %s (engine %s%s); %d skipped", info["images"], info["rows"],
+             info["rotated_rows"], tuple(info["feature_shape"]), info["seconds"],
+             info["images_per_s"], ", ".join(info["devices"]), info["engine"],
+             f", {info['nodes']} node(s)" if info["engine"] == "ray" else "",
              len(info["skipped"]))
     for item in info["skipped"]:
         log.warning("skipped %s: %s", item["path"], item["reason"])

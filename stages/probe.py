@@ -1,15 +1,16 @@
 """Stage probe: can each model's classes be told apart without looking at disease?
 
 Reads data/splits/<model>.csv (all rows: train, val and test) and the images in data/datasets;
-writes metrics/probe.json. A probe above ``probe.auc_threshold`` prints a WARNING; it never fails
-the pipeline (the finding belongs in the report, not in a crash).
+measures the files and, through ``params.preprocess`` at ``model.img_size``, what the models are
+given; writes metrics/probe.json (four AUCs and the verdict per model) and
+reports/probe/details.json (threshold, flags, strongest statistics, counts, preprocessing). A probe
+above ``probe.auc_threshold`` prints a WARNING; it never fails the pipeline (the finding belongs in
+the report, not in a crash).
 """
 
 from __future__ import annotations
 
 import logging
-
-import numpy as np
 
 from covid_xray.audit import SPLIT_COLUMNS, read_table
 from covid_xray.config import MODEL_NAMES, NEGATIVE_CLASS, POSITIVE_CLASS, Paths
@@ -19,7 +20,7 @@ from covid_xray.probe import (
     describe_files,
     probe_img_size,
     probe_model,
-    random_backbone_features,
+    probe_random_features,
     unique_records,
 )
 
@@ -35,31 +36,35 @@ def main() -> None:
              for model, rows in tables.items()}
     size = probe_img_size(params.model.img_size)
 
-    # Each image is decoded once, and the random backbone runs once, for both models.
-    records, skipped = describe_files([f for fs in files.values() for f in fs], size)
+    # Each image is decoded once, and the random backbone runs once per view, for both models.
+    records, skipped = describe_files([f for fs in files.values() for f in fs], size,
+                                      preprocessing=params.preprocess,
+                                      model_size=params.model.img_size)
     for file, reason in skipped:
         log.warning("skipped %s: %s", file, reason)
-    distinct = unique_records(records)
-    features = random_backbone_features(
-        np.stack([r.thumbnail for r in distinct]) if distinct
-        else np.zeros((0, size, size, 3), np.uint8), params.model.backbone, params.seed)
-    random_features = {r.sha256: row for r, row in zip(distinct, features, strict=True)}
+    random_features = probe_random_features(unique_records(records), params.model.backbone,
+                                            params.seed)
 
-    metrics = {}
+    metrics, details = {}, {}
     for model, rows in tables.items():
         result = probe_model(
             model, files[model], [r["label"] for r in rows], [r["patient_id"] for r in rows],
             records, random_features, positive=POSITIVE_CLASS, negative=NEGATIVE_CLASS[model],
             threshold=params.probe.auc_threshold, folds=params.probe.folds, seed=params.seed,
-            backbone=params.model.backbone, img_size=size)
+            backbone=params.model.backbone, img_size=size,
+            model_img_size=params.model.img_size, preprocessing=params.preprocess)
         metrics[model] = result.metrics()
-        log.info("%s: %d images, trivial-statistics AUC %s, random-%s-features AUC %s "
-                 "(threshold %.2f, %d folds%s)", model, result.images,
-                 _fmt(result.trivial.auc), params.model.backbone, _fmt(result.random.auc),
-                 result.threshold, result.trivial.folds,
-                 ", grouped by patient" if result.trivial.grouped else "")
+        details[model] = result.details()
+        log.info("%s: %d images; statistics AUC %s (files) / %s (model input), random-%s AUC "
+                 "%s / %s (threshold %.2f, %d folds%s)", model, result.images,
+                 _fmt(result.raw.trivial.auc), _fmt(result.model_input.trivial.auc),
+                 params.model.backbone, _fmt(result.raw.random.auc),
+                 _fmt(result.model_input.random.auc), result.threshold,
+                 result.raw.trivial.folds,
+                 ", grouped by patient" if result.raw.trivial.grouped else "")
         for line in result.warnings():
             log.warning(line)
+    write_json(paths.details("probe"), details)
     write_json(paths.metrics / "probe.json", metrics)
 
 

@@ -1,8 +1,10 @@
 """Stage validate: both models on the held-out sets and on every external set from params.
 
-Outputs: metrics/validate.json (per set: images, flagged positive, mean/median COVID score;
-metrics with CIs on the held-out union, per external set and on the test split side by side),
-plots/validate/<model>_scores.csv, plots/gradcam/<model>/*.png, reports/validate/skipped.csv.
+Outputs: reports/validate/details.json (per set: images, flagged positive, mean/median COVID
+score; metrics with CIs on the held-out union, per external set and on the test split side by
+side), metrics/validate.json (held-out and external ROC AUC with its interval, sensitivity,
+specificity: what DVC tracks), plots/validate/<model>_scores.csv, plots/gradcam/<model>.png (a
+Grad-CAM grid per model), reports/validate/{summary.txt,skipped.csv}.
 """
 
 from __future__ import annotations

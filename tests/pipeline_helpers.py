@@ -80,5 +80,15 @@ def make_repo_copy(repo_root: Path, target: Path, params: dict[str, Any]) -> Pat
     return target
 
 
+ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called"
+"""TensorFlow 2.21 prints this (and oneDNN's INFO line) when it is imported, whatever
+TF_CPP_MIN_LOG_LEVEL says: not DVC's, and not the pipeline's to silence."""
+
+
+def dvc_warnings(output: str) -> list[str]:
+    return [line for line in output.splitlines()
+            if line.startswith("WARNING") and not line.startswith(ABSL_NOTICE)]
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())

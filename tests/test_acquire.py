@@ -29,6 +29,7 @@ from pipeline_helpers import FAST_PARAMS, deep_update, make_repo_copy, run
 
 from covid_xray.acquire import (
     DATASETS,
+    NO_EXTERNAL_FILE,
     STAMP_FILE,
     Plan,
     RemoteArchive,
@@ -968,8 +969,9 @@ def test_local_refresh_follows_the_folder_and_relinks_only_when_it_changed(
     assert rebuilt and os.path.samefile(raw / "chest_xray/train/NORMAL/IM-9999-0001.jpeg",
                                         normal / "IM-9999-0001.jpeg")
     after = _states(raw)
-    assert {k: v for k, v in after.items() if k in before and not k.endswith(".json")} == {
-        k: v for k, v in before.items() if not k.endswith(".json")}
+    written = (".json", NO_EXTERNAL_FILE)  # acquire writes these anew; linked files keep inodes
+    assert {k: v for k, v in after.items() if k in before and not k.endswith(written)} == {
+        k: v for k, v in before.items() if not k.endswith(written)}
     assert summary["counts"]["kermany"]["train"]["NORMAL"] == SMALL_DEMO["kermany_train"] + 1
 
     # metadata.csv replaced by a new file: the old hard link in data/raw still holds the old
@@ -986,6 +988,26 @@ def test_local_refresh_follows_the_folder_and_relinks_only_when_it_changed(
     (normal / "IM-9999-0001.jpeg").unlink()
     _, rebuilt = refresh(params, paths, progress=False)
     assert rebuilt and not (raw / "chest_xray/train/NORMAL/IM-9999-0001.jpeg").exists()
+
+
+def test_external_folder_is_never_empty_so_dvc_does_not_warn(tmp_path: Path) -> None:
+    """Audit, featurize and validate depend on data/raw/external; DVC warns "'data/raw/external'
+    is empty" on every run for an empty folder dependency (a local folder or archives without an
+    external set). A hidden note fills it, which no stage reads as an image."""
+    folder = _user_folder(tmp_path)  # no external/ folder
+    paths = Paths(tmp_path / "project")
+    params = _params(str(folder), paths.root)
+    summary, _ = refresh(params, paths, progress=False)
+    external = paths.raw / "external"
+    assert [p.name for p in external.iterdir()] == [NO_EXTERNAL_FILE]
+    assert "validate.external" in (external / NO_EXTERNAL_FILE).read_text()
+    assert summary["counts"]["external_images"] == 0
+    assert not refresh(params, paths, progress=False)[1]  # still current: nothing relinked
+
+    demo = Paths(tmp_path / "demo")  # the demo has an external set: no note
+    acquire(_params("demo", demo.root, **SMALL_DEMO), demo, progress=False)
+    assert not (demo.raw / "external" / NO_EXTERNAL_FILE).exists()
+    assert any(p.is_file() for p in (demo.raw / "external").rglob("*"))
 
 
 def test_download_refresh_keeps_data_raw_while_the_archives_are_the_same(

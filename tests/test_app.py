@@ -19,6 +19,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
 from sklearn.datasets import load_sample_image
+from test_predict import trained_on
 
 from covid_xray.config import MODEL_NAMES
 from covid_xray.modeling import ModelLoadError
@@ -99,11 +100,47 @@ def test_page_has_picker_drop_zone_disclaimer_and_no_external_assets(client: Fla
     assert "Content-Security-Policy" in page.headers
 
 
-def test_healthz_reports_loaded_models(client: FlaskClient) -> None:
+def test_healthz_reports_loaded_models(client: FlaskClient, service: PredictionService) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
     body = response.get_json()
     assert body["status"] == "ok" and set(body["models"]) == set(MODEL_NAMES)
+    for model in service.models:
+        entry = body["models"][model.name]
+        assert entry["training_source"] == model.info.training_source != "unknown"
+        assert entry["training_data"] == model.info.training_data != ""
+
+
+def test_page_shows_what_each_model_was_trained_on(service: PredictionService) -> None:
+    """Under each model: its training data, flagged when it is the synthetic demo data."""
+    def page(source: str, text: str) -> str:
+        models = [trained_on(m, source, text) for m in service.models]
+        app = create_app({"SERVICE": PredictionService(models), "TESTING": True})
+        return app.test_client().get("/").get_data(as_text=True)
+
+    demo = page("demo", "synthetic demo images (data.source=demo), never a real X-ray")
+    real = page("local:collections", "the X-ray collections in the local folder collections/")
+    unrecorded = page("unknown", "")
+    assert 'data-testid="demo-note"' in demo and "These models were" in demo
+    assert 'data-testid="demo-note"' not in real + unrecorded
+    for name in MODEL_NAMES:
+        assert re.search(rf'<p class="source demo" data-testid="source-{name}">Trained on '
+                         r"synthetic demo images \(data\.source=demo\), never a real X-ray</p>",
+                         demo), demo
+        assert re.search(rf'<p class="source" data-testid="source-{name}">Trained on the X-ray '
+                         "collections in the local folder collections/</p>", real), real
+        assert re.search(rf'data-testid="source-{name}">Trained on data not recorded', unrecorded)
+
+
+def test_demo_models_refusal_names_the_cause_in_the_json(service: PredictionService,
+                                                         xray_jpeg: bytes) -> None:
+    distance = max(service.predict_bytes(xray_jpeg)["checks"]["features"].values())
+    demo = PredictionService([trained_on(m, "demo") for m in service.models],
+                             ood_tolerance=distance / 2)
+    body = post_file(create_app({"SERVICE": demo}).test_client(), xray_jpeg).get_json()
+    assert body["refused_by"] == "features"
+    assert "synthetic demo images" in body["message"]
+    assert "dvc exp run -S data.source=download" in body["message"]
 
 
 def test_predict_multipart(client: FlaskClient, xray_jpeg: bytes) -> None:
@@ -337,6 +374,10 @@ def test_form_encoded_body_is_415(client: FlaskClient) -> None:
     ("COVID_XRAY_MAX_UPLOAD_MB", "-1", "COVID_XRAY_MAX_UPLOAD_MB must be above 0"),
     ("COVID_XRAY_MAX_PIXELS", "0", "COVID_XRAY_MAX_PIXELS must be from 65,536"),
     ("COVID_XRAY_OOD_TOLERANCE", "nan", "COVID_XRAY_OOD_TOLERANCE must be a finite number"),
+    ("COVID_XRAY_MAX_DECODED_MB", "0.5", "COVID_XRAY_MAX_DECODED_MB must be from 1 to 16384"),
+    ("COVID_XRAY_MAX_DECODED_MB", "lots", "COVID_XRAY_MAX_DECODED_MB must be a number"),
+    ("COVID_XRAY_DECODE_SLOTS", "0", "COVID_XRAY_DECODE_SLOTS must be from 1 to 64"),
+    ("COVID_XRAY_DECODE_SLOTS", "1.5", "COVID_XRAY_DECODE_SLOTS must be a whole number"),
 ])
 def test_flask_run_settings_are_validated_naming_the_variable(
         variable: str, value: str, pattern: str, models_dir: Path,
@@ -361,9 +402,18 @@ def test_flask_run_finds_the_factory_and_reads_the_environment(
 
     monkeypatch.setenv("COVID_XRAY_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("COVID_XRAY_MAX_UPLOAD_MB", "3")
+    monkeypatch.setenv("COVID_XRAY_MAX_DECODED_MB", "2")
+    monkeypatch.setenv("COVID_XRAY_DECODE_SLOTS", "3")
     app = ScriptInfo(app_import_path="covid_xray.serving.app").load_app()
     assert app.config["MAX_CONTENT_LENGTH"] == 3 * 1024 * 1024
-    assert app.test_client().get("/healthz").get_json()["status"] == "ok"
+    client = app.test_client()
+    health = client.get("/healthz").get_json()
+    assert health["status"] == "ok"
+    assert health["limits"]["max_decoded_bytes"] == 2 * 1024 * 1024
+    assert health["limits"]["decode_slots"] == 3
+    # the decoded-bytes cap is the service's: a 1,600 x 1,600 grey PNG (2.4 MiB) is refused
+    assert_json_error(post_file(client, zero_png(1600, 1600, bit_depth=8, colour_type=0)), 400,
+                      r"MiB once decoded, above the limit of 2 MiB")
 
 
 # -- issue 10: truncated data, decoded-bytes cap, bounded large decodes, image-level reasons ------

@@ -9,6 +9,7 @@ page: there the missing piece is a failure (``tests/test_browser_ci.py`` checks 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import threading
@@ -51,16 +52,15 @@ except ImportError as exc:
     missing(f"Playwright is not installed ({exc}); pip install -e '.[dev]'")
 
 
-@pytest.fixture(scope="module")
-def base_url(models_dir: Path) -> Iterator[str]:
-    """The app under waitress in a background thread on a free loopback port."""
+@contextlib.contextmanager
+def serving(service) -> Iterator[str]:
+    """The app on ``service`` under waitress in a background thread on a free loopback port."""
     import waitress
 
-    from covid_xray.predict import PredictionService
     from covid_xray.serving.app import create_app
 
-    app = create_app({"SERVICE": PredictionService.load(models_dir)})
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=2)
+    server = waitress.create_server(create_app({"SERVICE": service}), host="127.0.0.1", port=0,
+                                    threads=2)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -69,6 +69,14 @@ def base_url(models_dir: Path) -> Iterator[str]:
         server.task_dispatcher.shutdown()
         server.close()
         thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def base_url(models_dir: Path) -> Iterator[str]:
+    from covid_xray.predict import PredictionService
+
+    with serving(PredictionService.load(models_dir)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +179,31 @@ def test_photo_is_refused_and_non_image_gets_an_error(base_url: str, browser,
     page.get_by_test_id("file-input").set_input_files(str(images["text"]))
     sync_api.expect(page.get_by_test_id("error")).to_contain_text("not an image")
     sync_api.expect(page.get_by_test_id("refusal")).to_be_hidden()
+
+
+def test_demo_models_refusal_and_training_source_on_the_page(service, browser,
+                                                           images: dict[str, Path]) -> None:
+    """Demo-trained models refusing an X-ray on the feature check: the page names the cause and
+    the command, and shows under each model what it was trained on."""
+    from test_predict import trained_on
+
+    from covid_xray.predict import PredictionService
+
+    demo = PredictionService([trained_on(m, "demo", "synthetic demo images (data.source=demo)")
+                              for m in service.models], ood_tolerance=1e-9)
+    with serving(demo) as url:
+        page, _ = open_page(browser, url)
+        sync_api.expect(page.get_by_test_id("demo-note")).to_contain_text(
+            "never seen a real X-ray")
+        for name in MODEL_NAMES:
+            sync_api.expect(page.get_by_test_id(f"source-{name}")).to_have_text(
+                "Trained on synthetic demo images (data.source=demo)")
+        page.get_by_test_id("file-input").set_input_files(str(images["xray"]))
+        refusal = page.get_by_test_id("refusal")
+        sync_api.expect(refusal).to_contain_text("synthetic demo images that these models were "
+                                                 "trained on")
+        sync_api.expect(refusal).to_contain_text("dvc exp run -S data.source=download")
+        sync_api.expect(page.get_by_test_id(f"verdict-{MODEL_NAMES[0]}")).to_have_text(
+            "No verdict (image refused)")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser-demo-refusal.png"), full_page=True)

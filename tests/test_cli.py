@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from conftest import sample_dir
 from sklearn.datasets import load_sample_image
 
-from covid_xray.cli import _parser, main
+from covid_xray.cli import _load_service, _parser, main
 from covid_xray.config import MODEL_NAMES
 from covid_xray.testing import demo_images_by_class
 
@@ -127,6 +128,13 @@ def test_console_script_is_installed() -> None:
     (["serve", "--channel-timeout", "0"], r"--channel-timeout: must be from 1"),
     (["predict", "x.png", "--max-pixels", "-5"], r"--max-pixels: must be from 65,536"),
     (["predict", "x.png", "--ood-tolerance=-inf"], r"--ood-tolerance: must be a finite"),
+    (["serve", "--max-decoded-mb", "0.5"], r"--max-decoded-mb: must be from 1 to 16384"),
+    (["serve", "--max-decoded-mb", "nan"], r"--max-decoded-mb: must be a finite number"),
+    (["predict", "x.png", "--max-decoded-mb", "1e9"], r"--max-decoded-mb: must be from 1 to "
+                                                       r"16384, got '1e9'"),
+    (["serve", "--decode-slots", "0"], r"--decode-slots: must be from 1 to 64, got '0'"),
+    (["predict", "x.png", "--decode-slots", "two"], r"--decode-slots: must be a number"),
+    (["predict", "x.png", "--decode-slots", "1.5"], r"--decode-slots: must be a whole number"),
 ])
 def test_bad_options_exit_2_with_one_line(args: list[str], pattern: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,10 +151,35 @@ def test_valid_edge_values_are_accepted() -> None:
     args = _parser().parse_args([
         "serve", "--port", "65535", "--host", "localhost", "--max-upload-mb", "0.5",
         "--threads", "1", "--max-pixels", "65536", "--ood-tolerance", "2.5",
-        "--connection-limit", "10", "--channel-timeout", "1"])
+        "--connection-limit", "10", "--channel-timeout", "1", "--max-decoded-mb", "1",
+        "--decode-slots", "64"])
     assert (args.port, args.threads, args.max_pixels, args.connection_limit,
-            args.channel_timeout) == (65535, 1, 65536, 10, 1)
-    assert (args.max_upload_mb, args.ood_tolerance) == (0.5, 2.5)
+            args.channel_timeout, args.decode_slots) == (65535, 1, 65536, 10, 1, 64)
+    assert (args.max_upload_mb, args.ood_tolerance, args.max_decoded_mb) == (0.5, 2.5, 1.0)
+    defaults = _parser().parse_args(["predict", "x.png"])
+    assert (defaults.max_decoded_mb, defaults.decode_slots) == (128.0, 2)  # the service's
+
+
+def test_decode_limits_reach_the_service(models_dir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """``--max-decoded-mb`` and ``--decode-slots`` are the service's, on ``predict`` and
+    ``serve`` alike (both build it with ``_load_service``)."""
+    grey = np.random.default_rng(0).integers(0, 255, (1600, 1600), dtype=np.uint8)
+    large = tmp_path / "large.png"  # 2.4 MiB once decoded
+    cv2.imwrite(str(large), grey)
+    status, lines, err = run_main(["predict", str(large), "--models-dir", str(models_dir),
+                                   "--max-decoded-mb", "2"], capsys)
+    answer = json.loads(lines[0])
+    assert status == 2 and answer["status"] == 400, err
+    assert "MiB once decoded, above the limit of 2 MiB" in answer["error"]
+    status, lines, err = run_main(["predict", str(large), "--models-dir", str(models_dir)],
+                                  capsys)
+    assert status == 0 and "error" not in json.loads(lines[0]), err  # decoded (then checked)
+    for command in (["predict", "x.png"], ["serve"]):
+        args = _parser().parse_args([*command, "--models-dir", str(models_dir),
+                                     "--max-decoded-mb", "3", "--decode-slots", "5"])
+        limits = _load_service(args).health()["limits"]
+        assert limits["max_decoded_bytes"] == 3 * 1024 * 1024 and limits["decode_slots"] == 5
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "192.0.2.1"])

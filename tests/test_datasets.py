@@ -504,3 +504,24 @@ def test_all_covid_duplicates_still_write_skipped_csv(tmp_path: Path, repo_root:
     assert skipped["reason"].str.startswith("duplicate: same content as ").all()
     assert sorted(p.name for p in listing.parent.iterdir()) == ["excluded.csv", "skipped.csv"]
     assert [p.name for p in (root / "data").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_source_without_external_set_is_skipped_not_an_error(tmp_path: Path) -> None:
+    """`data.source=<folder>` without an external set: acquire leaves only its note in
+    data/raw/external, and the committed `demo_external` entry is skipped with a log line (before,
+    featurize and validate stopped with "has no images"); a real folder still must hold images."""
+    from covid_xray.config import NO_EXTERNAL_FILE
+    from covid_xray.datasets import external_sets
+
+    noted = tmp_path / "data" / "raw" / "external"
+    noted.mkdir(parents=True)
+    (noted / NO_EXTERNAL_FILE).write_text("no external set\n")
+    real = tmp_path / "adults"
+    (real / "normal").mkdir(parents=True)
+    assert cv2.imwrite(str(real / "normal" / "a.png"), np.full((40, 40), 90, np.uint8))
+    sets = external_sets({"demo_external": "data/raw/external", "adults": str(real)}, tmp_path)
+    assert list(sets) == ["adults"] and sets["adults"]["label"].tolist() == ["normal"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PipelineError, match="has no images"):
+        external_sets({"mine": str(empty)}, tmp_path)

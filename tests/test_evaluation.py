@@ -18,10 +18,16 @@ from covid_xray.config import MODEL_NAMES, Paths
 from covid_xray.datasets import external_files
 from covid_xray.errors import PipelineError
 from covid_xray.evaluation import (
+    GRID_CAPTION,
+    GRID_GAP,
+    GRID_TILE_MIN,
+    GRID_TITLE,
     METRIC_NAMES,
+    GradcamExample,
     binary_metrics,
     bootstrap_cis,
     classification_table,
+    draw_gradcam_grid,
     file_patient_id,
     metrics_with_ci,
     roc_points,
@@ -195,6 +201,41 @@ def test_patients_with_both_classes_and_unknown_patients() -> None:
     assert file_patient_id("/x/CR.1.2.840.113564.1.png") == ""  # unknown: its own patient
 
 
+def test_gradcam_grid_has_a_row_per_set_and_marks_wrong_and_unreadable_examples(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    image = tmp_path / "chest.png"
+    ramp = np.tile(np.linspace(0, 255, 48, dtype=np.uint8), (48, 1))
+    assert cv2.imwrite(str(image), np.dstack([ramp, ramp.T, ramp]))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    cam = np.array([[0.0, 1.0], [0.5, 0.0]], dtype=np.float32)
+    examples = [GradcamExample("heldout", "covid", image, cam, 0.9),
+                GradcamExample("heldout", "covid", image, cam, 0.2),  # missed: wrong verdict
+                GradcamExample("heldout", "covid", image, cam, 0.8),
+                GradcamExample("external:b", "normal", broken, cam, 0.1)]
+    with caplog.at_level("WARNING"):
+        grid = draw_gradcam_grid("covid_normal", examples, 32, threshold=0.5)
+    assert str(broken) in caplog.text  # never a silent gap
+    tile, row = GRID_TILE_MIN, GRID_TILE_MIN + GRID_CAPTION + GRID_GAP
+    assert grid.shape == (GRID_TITLE + 2 * row, 3 * (tile + GRID_GAP) + GRID_GAP, 3)
+
+    def cell(r: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+        top, left = GRID_TITLE + r * row, GRID_GAP + c * (tile + GRID_GAP)
+        return (grid[top:top + tile, left:left + tile],
+                grid[top + tile:top + tile + GRID_CAPTION, left:left + tile])
+
+    def orange(band: np.ndarray) -> int:
+        return int(((band[..., 0] > 200) & (band[..., 1] > 100) & (band[..., 1] < 200)
+                    & (band[..., 2] < 80)).sum())
+
+    assert cell(0, 0)[0].std() > 10  # the overlay
+    assert orange(cell(0, 1)[1]) > 20 and orange(cell(0, 0)[1]) == orange(cell(0, 2)[1]) == 0
+    unreadable, caption = cell(1, 0)
+    assert (unreadable == 160).all() and (caption.max(axis=2) > 200).sum() > 50
+    assert (cell(1, 1)[0] == 255).all() and (cell(1, 2)[1] == 255).all()  # short row: blank
+    assert draw_gradcam_grid("covid_normal", [], 32, 0.5) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # The stages on a tiny synthetic project
 
@@ -218,10 +259,16 @@ def test_evaluate_writes_metrics_plots_and_reports(trained: Paths) -> None:
             : len(test[1::2])]
         split.to_csv(trained.split_file(model), index=False)
     main()
-    first = (trained.metrics / "evaluate.json").read_text()
+    first = trained.details("evaluate").read_text()
     results = json.loads(first)
+    tracked = json.loads((trained.metrics / "evaluate.json").read_text())
+    assert set(tracked) == set(MODEL_NAMES)
     for model in MODEL_NAMES:
         m = results[model]
+        # DVC tracks the test ROC AUC, sensitivity and specificity with their CIs, nothing else
+        assert tracked[model] == {key: m[key] for name in ("roc_auc", "sensitivity",
+                                                           "specificity")
+                                  for key in (name, f"{name}_ci_low", f"{name}_ci_high")}
         info = json.loads((trained.models / f"{model}.json").read_text())
         assert m["threshold"] == info["threshold"] and m["threshold_rule"] == "youden"
         split = pd.read_csv(trained.split_file(model))
@@ -246,15 +293,22 @@ def test_evaluate_writes_metrics_plots_and_reports(trained: Paths) -> None:
         report = (trained.reports / "evaluate" / f"{model}_classification_report.txt").read_text()
         assert f"threshold {m['threshold']:.4f}" in report and "small" in report
     main()  # seeded: the same inputs give the same file
-    assert (trained.metrics / "evaluate.json").read_text() == first
+    assert trained.details("evaluate").read_text() == first
 
 
 def test_validate_scores_heldout_and_external_sets(trained: Paths) -> None:
     from stages.validate import main
 
     main()
-    results = json.loads((trained.metrics / "validate.json").read_text())
+    results = json.loads(trained.details("validate").read_text())
+    tracked = json.loads((trained.metrics / "validate.json").read_text())
     assert results["skipped_images"] == 0
+    set_keys = ("roc_auc", "roc_auc_ci_low", "roc_auc_ci_high", "sensitivity", "specificity")
+    assert tracked == {model: {"heldout": {key: results[model]["heldout"][key]
+                                           for key in set_keys},
+                               "external": {"ext": {key: results[model]["external"]["ext"][key]
+                                                    for key in set_keys}}}
+                       for model in MODEL_NAMES}
     for model, negative in (("covid_normal", "normal"), ("covid_pneumonia", "pneumonia")):
         m = results[model]
         assert set(m["sets"]) == {"heldout_covid", "heldout_normal", "heldout_pneumonia",
@@ -277,11 +331,19 @@ def test_validate_scores_heldout_and_external_sets(trained: Paths) -> None:
         low = scores["score_bin"].str.slice(0, 3).astype(float)
         assert ((low <= scores["score"]) & (scores["score"] <= low + 0.1)).all()
         assert {"test", "heldout_covid", "external_ext_covid"} <= set(scores["set"])
-        pngs = sorted((trained.plots / "gradcam" / model).glob("*.png"))
-        # one image (gradcam_images: 1) per set of the model's two classes
-        assert len(pngs) == (5 if negative == "normal" else 4)
-        picture = cv2.imread(str(pngs[0]))
-        assert picture is not None and picture.shape[2] == 3
+        # one grid per model: a row per set of its two classes, one tile each (gradcam_images
+        # is 1), 32 px maps enlarged to the smallest tile
+        grid = cv2.imread(str(trained.plots / "gradcam" / f"{model}.png"))
+        rows, tile = (5 if negative == "normal" else 4), GRID_TILE_MIN
+        assert grid.shape == (GRID_TITLE + rows * (tile + GRID_CAPTION + GRID_GAP),
+                              tile + 2 * GRID_GAP, 3)
+        for r in range(rows):  # each tile: an overlay above a dark band with white captions
+            top = GRID_TITLE + r * (tile + GRID_CAPTION + GRID_GAP)
+            band = grid[top + tile:top + tile + GRID_CAPTION, GRID_GAP:GRID_GAP + tile]
+            assert (band.max(axis=2) > 200).sum() > 100 and np.median(band) < 50
+            assert grid[top:top + tile, GRID_GAP:GRID_GAP + tile].std() > 10
+    assert sorted(p.name for p in (trained.plots / "gradcam").iterdir()) == [
+        "covid_normal.png", "covid_pneumonia.png"]
     summary = (trained.reports / "validate" / "summary.txt").read_text()
     assert "external ext" in summary and "held-out" in summary
 
@@ -313,7 +375,7 @@ def test_validate_lists_images_without_features_as_skipped(trained: Paths) -> No
         main()
     finally:
         broken.unlink()
-    results = json.loads((trained.metrics / "validate.json").read_text())
+    results = json.loads(trained.details("validate").read_text())
     skipped = pd.read_csv(trained.reports / "validate" / "skipped.csv")
     assert results["skipped_images"] == 1 and skipped["path"].tolist() == [str(broken)]
     assert skipped["set"].tolist() == ["external_ext_normal"]

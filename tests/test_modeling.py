@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -23,9 +24,10 @@ from covid_xray.modeling import (
     assemble_classifier,
     build_backbone,
     build_head,
+    check_weights_file,
     pooled_features,
-    pretrained_backbone,
     save_classifier,
+    weights_sha256,
 )
 from covid_xray.ood import fit_ood_stats
 
@@ -96,12 +98,12 @@ def test_pretrained_weights_load_at_another_input_size(tmp_path: Path) -> None:
     source = build_backbone("smallcnn", 64, "none", seed=3)
     weights = tmp_path / "backbone.weights.h5"
     source.save_weights(weights)
-    at_32 = pretrained_backbone("smallcnn", 32, weights, seed=99)
-    assert at_32.input_shape == (None, 32, 32, 3)
+    at_32 = build_backbone("smallcnn", 32, str(weights), seed=99)
+    assert at_32.input_shape == (None, 32, 32, 3) and not at_32.trainable_weights
     assert all(np.array_equal(a, b) for a, b in zip(at_32.get_weights(), source.get_weights(),
                                                     strict=True))
-    with pytest.raises(PipelineError, match=r"backbone\.weights\.h5: cannot load into a vgg16"):
-        pretrained_backbone("vgg16", 32, weights, seed=0)
+    with pytest.raises(PipelineError, match=r"backbone\.weights\.h5: expected VGG16 notop"):
+        build_backbone("vgg16", 32, str(weights), seed=0)
 
 
 def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
@@ -110,6 +112,142 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
     source.save_weights(weights)
     loaded = build_backbone("vgg16", 32, str(weights), seed=99)
     assert np.array_equal(loaded.get_weights()[0], source.get_weights()[0])
+
+
+# -- weights files: the layouts users have, and the files that cannot fit --------------------------
+
+
+def write_keras2_weights(model, path: Path) -> Path:
+    """``model``'s weights in the Keras 2 HDF5 layout of the files Keras publishes (e.g.
+    ``vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5``): ``layer_names`` on the root, one
+    group per layer (weightless ones too) with ``weight_names`` such as
+    ``block1_conv1_W_1:0``, in the model's layer order; written with h5py, as Keras 2 did."""
+    with h5py.File(path, "w") as handle:
+        handle.attrs["layer_names"] = [layer.name.encode() for layer in model.layers]
+        handle.attrs["backend"] = b"tensorflow"
+        handle.attrs["keras_version"] = b"2.1.5"
+        for layer in model.layers:
+            group = handle.create_group(layer.name)
+            names = [f"{layer.name}_{'Wb'[i] if i < 2 else i}_1:0".encode()
+                     for i in range(len(layer.weights))]
+            group.attrs["weight_names"] = names
+            for name, weight in zip(names, layer.get_weights(), strict=True):
+                group.create_dataset(name.decode(), data=weight)
+    return path
+
+
+def notop(backbone_name: str, seed: int):
+    """The bare ``keras.applications`` backbone (as users build it), seeded random weights."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    build = {"vgg16": keras.applications.VGG16,
+             "mobilenetv2": keras.applications.MobileNetV2}[backbone_name]
+    return build(include_top=False, weights=None, input_shape=(32, 32, 3))
+
+
+def weights_error(path: Path, backbone_name: str = "vgg16") -> str:
+    """The one-line refusal of ``build_backbone`` for this file (nothing built from it)."""
+    with pytest.raises(PipelineError) as caught:
+        build_backbone(backbone_name, 32, str(path), seed=0)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"model.weights: {path}")
+    return message
+
+
+VGG16_EXPECTED = "expected VGG16 notop weights: 13 layers with weights, first kernel 3x3x3x64"
+
+
+def test_the_published_keras2_layout_loads(tmp_path: Path) -> None:
+    """What users download (``..._notop.h5``, Keras 2 layout) loads by layer order."""
+    source = notop("vgg16", seed=5)
+    path = write_keras2_weights(source, tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels_"
+                                                   "notop.h5")
+    loaded = build_backbone("vgg16", 32, str(path), seed=99)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), source.get_weights(),
+                                                    strict=True))
+    check_weights_file(path, "vgg16")  # the featurize stage's first step passes it too
+
+
+def test_mobilenetv2_weights_files_load_and_are_refused_by_vgg16(tmp_path: Path) -> None:
+    source = notop("mobilenetv2", seed=6)
+    keras3 = tmp_path / "mobilenet.weights.h5"
+    source.save_weights(keras3)
+    loaded = build_backbone("mobilenetv2", 32, str(keras3), seed=99)
+    assert np.array_equal(loaded.get_weights()[0], source.get_weights()[0])
+    for path in (keras3, write_keras2_weights(source, tmp_path / "mobilenet_notop.h5")):
+        message = weights_error(path, "vgg16")
+        assert (f"{VGG16_EXPECTED}; the file has 104 layers with weights, first kernel 3x3x3x32 "
+                "(these are MobileNetV2 notop weights: set model.backbone=mobilenetv2") in message
+
+
+def test_vgg16_with_its_top_is_refused_naming_the_notop_file(tmp_path: Path) -> None:
+    import keras
+
+    top = keras.applications.VGG16(include_top=True, weights=None, input_shape=(32, 32, 3))
+    message = weights_error(write_keras2_weights(top, tmp_path / "vgg16_full.h5"))
+    assert f"{VGG16_EXPECTED}; the file has 16 layers with weights" in message
+    assert "followed by 3 more" in message
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+
+
+def test_a_layer_of_another_shape_is_named(tmp_path: Path) -> None:
+    path = write_keras2_weights(notop("vgg16", seed=7), tmp_path / "vgg16_notop.h5")
+    with h5py.File(path, "r+") as handle:
+        group = handle["block3_conv2"]
+        name = group.attrs["weight_names"][0]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        del group[name]
+        group.create_dataset(name, data=np.zeros((3, 3, 256, 128), dtype=np.float32))
+    message = weights_error(path)
+    assert (f"{VGG16_EXPECTED}; the file has 13 layers with weights, first kernel 3x3x3x64; "
+            "its layer 6 with weights (block3_conv2) has 3x3x256x128 + 256, expected "
+            "3x3x256x256 + 256") in message
+
+
+def test_truncated_corrupt_and_foreign_files_are_refused_naming_what_was_expected(
+        tmp_path: Path) -> None:
+    whole = tmp_path / "whole.weights.h5"
+    notop("vgg16", seed=8).save_weights(whole)
+    data = whole.read_bytes()
+    truncated = tmp_path / "truncated.weights.h5"
+    truncated.write_bytes(data[:len(data) // 2])
+    message = weights_error(truncated)
+    assert "is not a readable Keras weights file (" in message and "truncated" in message
+    assert message.endswith(VGG16_EXPECTED)
+    text = tmp_path / "notes.h5"
+    text.write_text("not HDF5 at all")
+    assert weights_error(text).endswith(VGG16_EXPECTED)
+    empty = tmp_path / "empty.h5"
+    h5py.File(empty, "w").close()
+    assert "without Keras weights" in weights_error(empty)
+
+
+def test_a_layout_under_the_other_layouts_name_is_refused_with_the_rename(tmp_path: Path) -> None:
+    """Keras picks the reader by the file name: say which name the content needs."""
+    source = notop("vgg16", seed=9)
+    keras3 = tmp_path / "vgg16.h5"
+    source.save_weights(tmp_path / "vgg16.weights.h5")
+    (tmp_path / "vgg16.weights.h5").rename(keras3)
+    assert "in the Keras 3 layout (save_weights), which Keras reads only from a name ending " \
+           "in .weights.h5; rename the file" in weights_error(keras3)
+    keras2 = write_keras2_weights(source, tmp_path / "published.weights.h5")
+    assert "in the Keras 2 layout" in weights_error(keras2)
+    assert "name ending in .h5 (not .weights.h5)" in weights_error(keras2)
+
+
+def test_the_weights_identity_is_the_files_sha256(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "backbone.weights.h5"
+    notop("vgg16", seed=1).save_weights(path)
+    assert weights_sha256("vgg16", 32, str(path)) == sha256_file(path)
+    assert weights_sha256("vgg16", 32, "backbone.weights.h5", root=tmp_path) == sha256_file(path)
+    assert weights_sha256("vgg16", 32, "none") == ""
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # Keras's cache of the ImageNet file
+    cached = tmp_path / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    cached.parent.mkdir()
+    cached.write_bytes(b"stand-in for the cached download")
+    assert weights_sha256("vgg16", 224, "imagenet") == sha256_file(cached)
 
 
 def test_imagenet_offline_fails_fast_with_instructions(tmp_path: Path,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_helpers import FAST_PARAMS, make_repo_copy, read_json, run
+from pipeline_helpers import FAST_PARAMS, dvc_warnings, make_repo_copy, read_json, run
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> dict:
 def test_repro_runs_every_stage_then_is_up_to_date(pipeline: dict) -> None:
     repo = pipeline["repo"]
     assert ran(pipeline["first"]) == ALL_STAGES
+    assert dvc_warnings(pipeline["first"]) == [], pipeline["first"]  # a normal run: none
     for output in ("models/covid_normal.keras", "models/covid_pneumonia.keras",
                    "models/covid_normal.json", "models/covid_normal.card.md",
                    "data/features/features.npy", "data/datasets/manifest.csv",
@@ -61,11 +63,99 @@ def test_dvc_dag_metrics_and_plots_work(pipeline: dict) -> None:
         assert stage in dag
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     files = metrics[""]["data"]
-    selection = files["metrics/selection.json"]["data"]
-    assert selection["rows_in"] > selection["rows_selected"] > 0
+    data = files["metrics/data.json"]["data"]
+    selection = read_json(repo / "metrics/selection.json")
+    assert data["covid_rows"]["selected"] == selection["rows_selected"] > 0
     assert "covid_normal" in files["metrics/evaluate.json"]["data"]
     plots = run(["dvc", "plots", "show", "--json"], repo).stdout
     assert "ROC curve, test split" in plots and "gradcam" in plots
+
+
+def flat_keys(tree: object, prefix: str = "") -> list[str]:
+    """Dotted leaf keys of nested dicts (what `dvc metrics show` makes columns of)."""
+    if not isinstance(tree, dict):
+        return [prefix]
+    return [key for name, value in tree.items()
+            for key in flat_keys(value, f"{prefix}.{name}" if prefix else name)]
+
+
+MAX_TRACKED_METRICS = 100  # tens, not the ~400 of every count and score statistic
+
+
+def test_dvc_tracks_tens_of_metrics_not_hundreds(pipeline: dict) -> None:
+    """`dvc metrics show` / `dvc exp show` get the figures compared across experiments: per
+    model the test ROC AUC, sensitivity and specificity with CIs, held-out and external ROC AUC
+    with CI, sensitivity and specificity, the probe's and the audit's verdicts; the rest stays in
+    files the report reads."""
+    repo = pipeline["repo"]
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)[""]["data"]
+    keys = {f"{path}:{key}" for path, content in shown.items()
+            for key in flat_keys(content["data"])}
+    assert len(keys) <= MAX_TRACKED_METRICS, sorted(keys)
+    for model in ("covid_normal", "covid_pneumonia"):
+        for name in ("roc_auc", "sensitivity", "specificity"):
+            for suffix in ("", "_ci_low", "_ci_high"):
+                assert f"metrics/evaluate.json:{model}.{name}{suffix}" in keys
+        for key in ("roc_auc", "roc_auc_ci_low", "roc_auc_ci_high", "sensitivity",
+                    "specificity"):
+            assert f"metrics/validate.json:{model}.heldout.{key}" in keys
+        assert f"metrics/validate.json:{model}.external.demo_external.sensitivity" in keys
+        assert f"metrics/probe.json:{model}.fired" in keys
+        assert f"metrics/probe.json:{model}.model_input.stats_auc" in keys
+    assert {"metrics/data.json:audit.passed", "metrics/data.json:audit.leaks"} <= keys
+    # every figure is still written, for the report: in the details files
+    details = read_json(repo / "reports/validate/details.json")
+    assert details["covid_normal"]["sets"]["heldout_covid"]["n"] > 0
+    assert "f1_ci_low" in read_json(repo / "reports/evaluate/details.json")["covid_normal"]
+    assert "top_raw_features" in read_json(repo / "reports/probe/details.json")["covid_normal"]
+
+
+def test_plots_page_shows_the_curves_then_one_gradcam_grid_per_model(
+        pipeline: dict, tmp_path: Path) -> None:
+    repo = pipeline["repo"]
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "page")], repo)
+    page = (tmp_path / "page" / "index.html").read_text()
+    body = page[page.index("<body>"):]
+    blocks = re.findall(r'<div id = "([^"]+)"|<img src="static/workspace_([^"]+)"', body)
+    curves = [curve for curve, image in blocks if curve]
+    images = [image for curve, image in blocks if image]
+    titles = [next(iter(entry)) for entry in yaml.safe_load((repo / "dvc.yaml").read_text())[
+        "plots"] if isinstance(entry, dict)]
+    assert curves == [re.sub(r"\W", "_", title) for title in titles]  # dvc.yaml's order
+    assert blocks[:len(curves)] == [(curve, "") for curve in curves]  # every curve first
+    figures = sorted(p.name for p in (repo / "reports/figures").glob("*.png"))
+    assert images == ["plots_gradcam_covid_normal.png", "plots_gradcam_covid_pneumonia.png",
+                      *(f"reports_figures_{name}" for name in figures)]
+    assert len(images) == 7  # 2 Grad-CAM grids + 5 report figures (was one per example)
+
+
+def readme_exp_show_commands(repo_root: Path) -> list[list[str]]:
+    """The `dvc exp show --keep ...` command lines the README's Experiments section shows."""
+    readme = (repo_root / "README.md").read_text()
+    section = readme[readme.index("## Experiments"):]
+    section = section[:section.index("\n## ", 3)]
+    return [shlex.split(line, comments=True) for line in section.splitlines()
+            if line.startswith("dvc exp show") and "--keep" in line]
+
+
+def test_readme_exp_show_commands_give_a_narrow_side_by_side(pipeline: dict,
+                                                             repo_root: Path) -> None:
+    repo = pipeline["repo"]
+    commands = readme_exp_show_commands(repo_root)
+    assert len(commands) == 2
+    tables = []
+    for command in commands:
+        output = run([*command, "--no-pager"], repo).stdout
+        header = [cell.strip() for cell in output.splitlines()[0].strip("|").split("|")]
+        tables.append(header)
+        assert header[0] == "Experiment" and "main" in output
+    auc_columns = {f"{model}.{name}roc_auc" for model in ("covid_normal", "covid_pneumonia")
+                   for name in ("", "heldout.")} | {"covid_normal.external.demo_external.roc_auc"}
+    # covid_pneumonia has no AUC on the demo's external set (no pneumonia images in it)
+    assert set(tables[0]) == {"Experiment", "train.dropout"} | auc_columns
+    assert set(tables[1]) == {"Experiment"} | {
+        f"{model}.roc_auc{suffix}" for model in ("covid_normal", "covid_pneumonia")
+        for suffix in ("", "_ci_low", "_ci_high")}
 
 
 def test_data_stages_are_sound(pipeline: dict) -> None:
@@ -80,7 +170,7 @@ def test_data_stages_are_sound(pipeline: dict) -> None:
 
 
 def test_models_beat_chance_on_held_out_sets(pipeline: dict) -> None:
-    validate = read_json(pipeline["repo"] / "metrics/validate.json")
+    validate = read_json(pipeline["repo"] / "reports/validate/details.json")
     normal = validate["covid_normal"]
     assert normal["heldout"]["roc_auc"] > 0.7
     assert normal["external"]["demo_external"]["n"] > 0  # external set scored
@@ -156,7 +246,7 @@ def test_report_and_cards_match_the_metrics(pipeline: dict) -> None:
                     "## Limitations", "not a diagnostic device"):
         assert section in report, section
     evaluate = read_json(repo / "metrics/evaluate.json")
-    validate = read_json(repo / "metrics/validate.json")
+    validate = read_json(repo / "reports/validate/details.json")
     selection = read_json(repo / "metrics/selection.json")
     for model in ("covid_normal", "covid_pneumonia"):
         assert f"{evaluate[model]['roc_auc']:.3f}" in report

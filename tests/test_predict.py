@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from sklearn.datasets import load_sample_image
 from covid_xray import imaging
 from covid_xray.config import MODEL_NAMES
 from covid_xray.modeling import ModelLoadError
-from covid_xray.predict import DISCLAIMER, InputError, PredictionService
+from covid_xray.predict import DISCLAIMER, InputError, LoadedModel, PredictionService
 from covid_xray.testing import demo_images_by_class
 
 
@@ -35,6 +36,12 @@ def encode(rgb: np.ndarray, ext: str = ".png") -> bytes:
     return cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
+def trained_on(model: LoadedModel, source: str, text: str = "") -> LoadedModel:
+    """The same loaded model, its sidecar saying it was trained on ``source``."""
+    info = dataclasses.replace(model.info, training_source=source, training_data=text)
+    return dataclasses.replace(model, classifier=dataclasses.replace(model.classifier, info=info))
+
+
 def linked_copy(models_dir: Path, target: Path) -> Path:
     """A models folder whose .keras files link to the built ones and whose .json are copies."""
     target.mkdir()
@@ -51,8 +58,15 @@ def test_load_detects_the_shared_backbone_and_reports_health(service: Prediction
     assert health["status"] == "ok"
     for name in MODEL_NAMES:
         entry = health["models"][name]
-        assert entry["ood_check"] is True and entry["img_size"] == 32
+        assert entry["img_size"] == 32
         assert len(entry["sha256"]) == 12 and entry["revision"] == "smoke-test"
+        # what each model was trained on, from its sidecar (the stand-ins: demo + the sample)
+        expected = "demo" if sample_dir() is None else f"local:{XRAY_SAMPLE.name}"
+        assert entry["training_source"] == expected
+        assert entry["training_data"].startswith("synthetic demo images")
+    assert health["limits"] == {"max_pixels": imaging.MAX_PIXELS_DEFAULT,
+                                "max_decoded_bytes": imaging.MAX_DECODED_BYTES_DEFAULT,
+                                "decode_slots": 2}
 
 
 def test_prediction_has_every_field_and_is_json(service: PredictionService,
@@ -137,6 +151,36 @@ def test_feature_distance_refusal_gives_no_verdict(service: PredictionService,
     assert lenient.predict_bytes(xray_jpeg)["in_distribution"] is True
     with pytest.raises(ValueError, match="ood_tolerance"):
         PredictionService(service.models, ood_tolerance=0)
+
+
+def test_demo_models_refusal_names_the_demo_data_and_the_command(
+        service: PredictionService, xray_jpeg: bytes) -> None:
+    """Models trained on the synthetic demo data refuse real X-rays on the feature check: the
+    message must say so and how to train on real data, not ask for a chest X-ray again."""
+    distance = max(service.predict_bytes(xray_jpeg)["checks"]["features"].values())
+    tolerance = distance / 2  # this X-ray is refused by the feature check
+
+    def refusal(sources: dict[str, str]) -> str:
+        models = [trained_on(m, sources[m.name]) for m in service.models]
+        result = PredictionService(models, ood_tolerance=tolerance).predict_bytes(xray_jpeg)
+        assert result["refused_by"] == "features" and result["in_distribution"] is False
+        assert all(a["label"] is None for a in result["models"].values())
+        assert "\n" not in result["message"]
+        return result["message"]
+
+    both = refusal({"covid_normal": "demo", "covid_pneumonia": "demo"})
+    assert both.startswith("This image is unlike the synthetic demo images that these models were "
+                           "trained on (data.source=demo)")
+    assert "never seen a real X-ray" in both and "Upload a frontal" not in both
+    assert "dvc exp run -S data.source=download" in both and "--ood-tolerance 2" in both
+    one = refusal({"covid_normal": "download", "covid_pneumonia": "demo"})
+    assert "model covid_pneumonia was trained on (data.source=demo)" in one
+    real = refusal({"covid_normal": "download", "covid_pneumonia": "local:collections"})
+    assert "demo" not in real and "Upload a frontal (PA) chest X-ray" in real
+    # the image-level checks keep their own message, whatever the training source
+    photo = PredictionService([trained_on(m, "demo") for m in service.models]).predict_bytes(
+        encode(load_sample_image("flower.jpg"), ".jpg"))
+    assert photo["refused_by"] == "colour" and "demo" not in photo["message"]
 
 
 def test_gradcam_and_preview_are_jpeg_data_urls(service: PredictionService,
@@ -246,18 +290,18 @@ def test_ood_statistics_of_another_feature_size_are_refused(models_dir: Path,
         PredictionService.load(copy, warm_up=False)
 
 
-def test_models_without_ood_statistics_still_run_the_image_checks(
-        models_dir: Path, tmp_path: Path, xray_jpeg: bytes) -> None:
+def test_a_sidecar_without_ood_statistics_is_refused_at_load(models_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """The train stage always writes them; an empty ``ood`` was edited by hand or is foreign, and
+    serving it would give a verdict on any picture (it used to load with a warning)."""
     copy = linked_copy(models_dir, tmp_path / "models")
-    for name in MODEL_NAMES:
-        sidecar = copy / f"{name}.json"
-        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "ood": {}}))
-    service = PredictionService.load(copy, warm_up=False)
-    answer = service.predict_bytes(xray_jpeg)
-    assert answer["in_distribution"] is True
-    assert all(a["ood_distance"] is None for a in answer["models"].values())
-    photo = service.predict_bytes(encode(load_sample_image("china.jpg")))
-    assert photo["in_distribution"] is False
+    sidecar = copy / "covid_pneumonia.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "ood": {}}))
+    with pytest.raises(ModelLoadError) as caught:
+        PredictionService.load(copy, warm_up=False)
+    message = str(caught.value)
+    assert message.startswith(f"{sidecar}: has no out-of-distribution statistics")
+    assert "dvc repro train@covid_pneumonia" in message and "\n" not in message
 
 
 # -- the whole check on held-out chest X-rays the models never saw --------------------------------

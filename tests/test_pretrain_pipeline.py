@@ -57,9 +57,9 @@ def test_exp_run_pretrains_and_every_stage_uses_it(xray: dict) -> None:
 
     # the backbone really trained: its weights are not the seeded random ones it started from
     check = ("import sys, numpy as np\n"
-             "from covid_xray.modeling import build_backbone, pretrained_backbone\n"
+             "from covid_xray.modeling import build_backbone\n"
              "a = build_backbone('smallcnn', 32, 'none', seed=42).get_weights()\n"
-             "b = pretrained_backbone('smallcnn', 32, sys.argv[1], seed=42).get_weights()\n"
+             "b = build_backbone('smallcnn', 32, sys.argv[1], seed=42).get_weights()\n"
              "print(sum(not np.array_equal(x, y) for x, y in zip(a, b)), len(a))\n")
     changed, total = map(int, subprocess.run(
         [sys.executable, "-c", check, str(repo / "models/pretrain/backbone.weights.h5")],

@@ -1,5 +1,7 @@
 """Shortcut probe: fires on a planted source artefact, stays quiet when only a disease-like pattern
-differs, and the stage writes metrics/probe.json with clear warnings (never failing)."""
+differs, measures the files and the model inputs side by side (a harmonisation that works lowers
+the model-input AUC), and the stage writes metrics/probe.json with clear warnings (never
+failing)."""
 
 from __future__ import annotations
 
@@ -13,17 +15,26 @@ import numpy as np
 import pytest
 import yaml
 
+from covid_xray import ood
+from covid_xray.demo import generate_demo
 from covid_xray.errors import PipelineError
+from covid_xray.imaging import model_view
+from covid_xray.params import DemoParams, Preprocessing
 from covid_xray.probe import (
     CvResult,
     ProbeResult,
+    Probes,
     border_mean,
     cross_validated_auc,
     describe_files,
     describe_image,
+    pixel_stats,
     probe_img_size,
     probe_model,
+    probe_random_features,
+    unique_records,
 )
+from covid_xray.testing import demo_images_by_class
 
 SPLIT_HEADER = ["path", "label", "patient_id", "sha256", "split"]
 SIZES = [(64, 64), (60, 52), (52, 60)]  # (height, width)
@@ -110,6 +121,20 @@ def trivial_probe(root: Path, model: str = "covid_normal", threshold: float = 0.
                        threshold=threshold, folds=5, seed=42, backbone="vgg16", img_size=32)
 
 
+def probe_files(files: list[Path], labels: list[str], preprocessing: Preprocessing,
+                backbone: bool = True, size: int = 32) -> ProbeResult:
+    """Both probes, files and model inputs, as the stage runs them (one patient per file)."""
+    records, skipped = describe_files(files, thumb_size=size, progress=False,
+                                      preprocessing=preprocessing, model_size=size)
+    assert skipped == []
+    features = (probe_random_features(unique_records(records), "vgg16", seed=0, progress=False)
+                if backbone else None)
+    return probe_model("covid_normal", files, labels, [f.name for f in files], records, features,
+                       positive="covid", negative="normal", threshold=0.8, folds=5, seed=42,
+                       backbone="vgg16", img_size=size, model_img_size=size,
+                       preprocessing=preprocessing)
+
+
 def test_border_mean_reads_the_outer_frame_only() -> None:
     image = np.zeros((100, 80), np.float32)
     image[:5, :] = 1.0  # top 5% rows
@@ -130,6 +155,27 @@ def test_describe_image_reads_stored_format_and_channels() -> None:
     assert jpeg.format == "jpeg" and jpeg.stats["channels"] == 3.0
     assert jpeg.stats["colour"] > 0.3
     assert png.thumbnail.shape == (16, 16, 3) and png.thumbnail.dtype == np.uint8
+    # with the default preprocessing the model sees the seed's stretch: the same thumbnail
+    assert np.array_equal(png.model_thumbnail, png.thumbnail)
+
+
+def test_model_input_statistics_are_those_of_what_the_model_sees() -> None:
+    """Measured on ``model_view`` at the model's size, not on the file: no size, format or
+    channel count left, and a cropped frame is gone."""
+    grey = np.full((60, 80), 90, np.uint8)
+    grey[:6, :] = 250  # a bright burnt-in band along the top
+    colour = cv2.merge([grey, grey, np.clip(grey.astype(int) + 40, 0, 255).astype(np.uint8)])
+    data = cv2.imencode(".png", colour)[1].tobytes()
+    prep = Preprocessing(grayscale=True, crop_border=0.15)
+    record = describe_image(data, 16, preprocessing=prep, model_size=48)
+    view = model_view(cv2.cvtColor(colour, cv2.COLOR_BGR2RGB), 48, prep)
+    assert record.model_stats == pixel_stats(view)
+    assert set(record.model_stats) == {"colour", "mean", "std", "border_mean"}
+    assert record.model_stats["colour"] == 0.0 and record.stats["colour"] > 0.1
+    assert record.model_stats["std"] < 1e-6 < 0.1 < record.stats["std"]  # the band is cut off
+    assert np.array_equal(record.model_thumbnail,
+                          model_view(cv2.cvtColor(colour, cv2.COLOR_BGR2RGB), 16, prep))
+    assert not np.array_equal(record.model_thumbnail, record.thumbnail)
 
 
 def test_probe_img_size_is_capped() -> None:
@@ -139,49 +185,133 @@ def test_probe_img_size_is_capped() -> None:
 def test_trivial_probe_fires_on_planted_source_artefact(tmp_path: Path) -> None:
     make_dataset(tmp_path, "artefact")
     result = trivial_probe(tmp_path)
-    assert result.trivial.auc is not None and result.trivial.auc > 0.95
-    assert result.fired and result.trivial_fired and result.trivial.grouped
-    names = [name for name, _ in result.top_trivial]
+    assert result.raw.trivial.auc is not None and result.raw.trivial.auc > 0.95
+    assert result.raw_fired and result.raw.trivial.grouped
+    names = [name for name, _ in result.raw.top_trivial]
     assert {"height", "aspect", "format=png", "format=jpeg", "border_mean"} & set(names[:3])
-    [warning] = result.warnings()
-    assert warning.startswith("WARNING covid_normal: image statistics alone separate covid from "
-                              "normal (AUC ")
-    assert "data SOURCE, not disease" in warning and "DeGrave et al. 2021" in warning
+    # the stretched model input still shows the marker: the verdict fires
+    assert result.fired and result.trivial_fired and result.model_input.trivial.auc > 0.95
+    model_warning, files_warning = result.warnings()
+    assert model_warning.startswith("WARNING covid_normal: image statistics alone separate covid "
+                                    "from normal in the model's input (AUC ")
+    assert "data SOURCE, not disease" in model_warning and "DeGrave et al. 2021" in model_warning
+    assert files_warning.startswith("WARNING covid_normal: the FILES of covid and normal differ")
+    assert files_warning.endswith("and the model's input still shows it.")
     metrics = result.metrics()
-    assert metrics["fired"] is True and metrics["threshold"] == 0.8
-    assert metrics["random_features_auc"] is None and metrics["images"] == 60
+    assert metrics["fired"] is True and metrics["raw"]["backbone_auc"] is None
+    details = result.details()
+    assert details["threshold"] == 0.8 and details["images"] == 60
+    assert details["preprocess"] == Preprocessing().as_dict()
 
 
 def test_trivial_probe_fires_on_a_corner_marker_alone(tmp_path: Path) -> None:
     make_dataset(tmp_path, "marker")
     result = trivial_probe(tmp_path)
-    assert result.trivial_fired, result.trivial
+    assert result.raw_fired and result.trivial_fired, result
     # the marker raises the frame's brightness and the image's contrast, nothing else
-    assert {name for name, _ in result.top_trivial[:2]} == {"std", "border_mean"}
-    assert all(coef > 0 for _, coef in result.top_trivial[:2])
+    for probes in (result.raw, result.model_input):
+        assert {name for name, _ in probes.top_trivial[:2]} == {"std", "border_mean"}
+        assert all(coef > 0 for _, coef in probes.top_trivial[:2])
 
 
 def test_trivial_probe_stays_quiet_when_only_disease_differs(tmp_path: Path) -> None:
     make_dataset(tmp_path, "disease")
     result = trivial_probe(tmp_path)
-    assert result.trivial.auc is not None and result.trivial.auc < 0.7
+    for probes in (result.raw, result.model_input):
+        assert probes.trivial.auc is not None and probes.trivial.auc < 0.7
     assert not result.fired and result.warnings() == []
     assert result.metrics()["fired"] is False
 
 
+def _result(raw: tuple[float, float], seen: tuple[float, float]) -> ProbeResult:
+    return ProbeResult(model="covid_pneumonia", positive="covid", negative="pneumonia",
+                       images=40, skipped=0,
+                       raw=Probes(CvResult(raw[0], 5, True), CvResult(raw[1], 5, True),
+                                  [("channels", 1.2), ("width", 0.3)]),
+                       model_input=Probes(CvResult(seen[0], 5, True), CvResult(seen[1], 5, True),
+                                          [("mean", 0.2)]),
+                       threshold=0.8, backbone="mobilenetv2", img_size=64, model_img_size=224)
+
+
 def test_random_features_alone_warn_but_do_not_decide_the_verdict() -> None:
     """An untrained network also sees real lesions: its AUC is reported, not the verdict."""
-    result = ProbeResult(model="covid_pneumonia", positive="covid", negative="pneumonia",
-                         images=40, skipped=0, trivial=CvResult(0.62, 5, True),
-                         random=CvResult(0.93, 5, True), top_trivial=[("width", 0.3)],
-                         threshold=0.8, backbone="mobilenetv2", img_size=64)
+    result = _result(raw=(0.62, 0.95), seen=(0.6, 0.93))
     assert not result.fired and result.random_fired and not result.trivial_fired
     [warning] = result.warnings()
     assert warning.startswith("WARNING covid_pneumonia: an UNTRAINED mobilenetv2 (random "
-                              "weights) separates covid from pneumonia (AUC 0.93 > 0.80)")
-    metrics = result.metrics()
-    assert (metrics["fired"], metrics["random_fired"], metrics["random_features_auc"]) == (
-        False, True, 0.93)
+                              "weights) separates covid from pneumonia in the model's input "
+                              "(AUC 0.93 > 0.80)")
+    assert result.metrics() == {"raw": {"stats_auc": 0.62, "backbone_auc": 0.95},
+                                "model_input": {"stats_auc": 0.6, "backbone_auc": 0.93},
+                                "fired": False}
+    assert result.details()["random_fired"] is True
+
+
+def test_files_that_differ_only_in_storage_warn_without_firing() -> None:
+    """The files' statistics separate the classes, the model's input does not: the collections
+    are confounded, the preprocessing hides it; the verdict is about what the model sees."""
+    result = _result(raw=(0.99, 0.7), seen=(0.61, 0.7))
+    assert result.raw_fired and not result.fired
+    [warning] = result.warnings()
+    assert warning == ("WARNING covid_pneumonia: the FILES of covid and pneumonia differ in "
+                       "storage and exposure (statistics AUC 0.99 > 0.80; strongest: channels "
+                       "(+1.20), width (+0.30)), but the model's input does not (AUC 0.61): the "
+                       "preprocessing hides those statistics.")
+    assert result.metrics()["fired"] is False and result.details()["raw_fired"] is True
+
+
+def tinted(rgb: np.ndarray) -> np.ndarray:
+    """A warm colour cast of about the same luma (a figure copied from a paper), mild enough
+    for the server's colour check to accept it as an X-ray."""
+    return np.clip(rgb.astype(np.int16) + np.array([8, 0, -18], np.int16), 0, 255).astype(np.uint8)
+
+
+def test_grayscale_lowers_the_model_input_auc_when_only_colour_storage_differs(
+        tmp_path: Path) -> None:
+    """Demo chests: every COVID image stored colour-tinted, every NORMAL one grey (the real
+    collections' RGB-vs-grey difference). The files stay separable; with ``grayscale`` the
+    model's input no longer is."""
+    images = demo_images_by_class(per_class=24, max_side=96, seed=5)
+    files, labels = [], []
+    for label in ("covid", "normal"):
+        for k, rgb in enumerate(images[label]):
+            pixels = tinted(rgb) if label == "covid" else rgb[:, :, 0]
+            assert ood.check_image(tinted(rgb)).ok
+            path = tmp_path / f"{label}{k}.png"
+            assert cv2.imwrite(str(path), cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+                               if pixels.ndim == 3 else pixels)
+            files.append(path)
+            labels.append(label)
+    seed_recipe = probe_files(files, labels, Preprocessing())
+    grey = probe_files(files, labels, Preprocessing(grayscale=True))
+    for result in (seed_recipe, grey):  # the files do not change
+        assert result.raw.trivial.auc > 0.95 and result.raw_fired
+    assert seed_recipe.model_input.trivial.auc > 0.95 and seed_recipe.fired
+    assert seed_recipe.model_input.top_trivial[0][0] == "colour"
+    assert grey.model_input.trivial.auc < 0.75 and not grey.fired
+    assert grey.model_input.random.auc < seed_recipe.model_input.random.auc - 0.15
+
+
+def test_crop_border_lowers_the_model_input_auc_on_the_planted_artefact_demo(
+        tmp_path: Path) -> None:
+    """``data.demo.plant_artifact``: a light frame and a corner label burnt into every COVID
+    image. Cutting 15% off each side removes both from the model's input."""
+    generate_demo(tmp_path, DemoParams(covid_patients=24, kermany_train=24, kermany_test=1,
+                                       max_side=96, plant_artifact=True), seed=3, progress=False)
+    with (tmp_path / "covid-chestxray-dataset" / "metadata.csv").open(encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["finding"].strip().endswith("COVID-19")
+                and r["view"] == "PA" and r["modality"] == "X-ray"]
+    covid = [p for r in rows if (p := tmp_path / "covid-chestxray-dataset" / r["folder"]
+                                 / r["filename"]).is_file()]
+    normal = sorted((tmp_path / "chest_xray" / "train" / "NORMAL").iterdir())
+    files, labels = covid + normal, ["covid"] * len(covid) + ["normal"] * len(normal)
+    seed_recipe = probe_files(files, labels, Preprocessing())
+    cropped = probe_files(files, labels, Preprocessing(crop_border=0.15))
+    assert seed_recipe.model_input.trivial.auc > 0.95 and seed_recipe.fired
+    assert seed_recipe.model_input.top_trivial[0][0] == "border_mean"
+    assert cropped.raw.trivial.auc > 0.95  # the files still carry the marker
+    assert cropped.model_input.trivial.auc < 0.7 and not cropped.fired
+    assert cropped.model_input.random.auc < seed_recipe.model_input.random.auc - 0.1
 
 
 def test_foreign_labels_are_a_clear_error() -> None:
@@ -207,16 +337,22 @@ def test_cross_validation_adapts_to_few_patients() -> None:
     assert cross_validated_auc(features[:7], labels[:7], patients[:7], 5, 1).auc is None
 
 
-def run_probe_stage(root: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+def run_probe_stage(root: Path, monkeypatch: pytest.MonkeyPatch,
+                    preprocess: dict | None = None) -> dict:
     from stages.probe import main
 
     (root / "params.yaml").write_text(yaml.safe_dump({
         "model": {"backbone": "vgg16", "img_size": 32, "pool_size": 1},
-        "probe": {"auc_threshold": 0.8, "folds": 5}}))
+        "preprocess": preprocess or {}, "probe": {"auc_threshold": 0.8, "folds": 5}}))
     monkeypatch.delenv("COVID_XRAY_ROOT", raising=False)
     monkeypatch.chdir(root)
     main()
-    return json.loads((root / "metrics" / "probe.json").read_text())
+    tracked = json.loads((root / "metrics" / "probe.json").read_text())
+    details = json.loads((root / "reports" / "probe" / "details.json").read_text())
+    # DVC tracks the verdict only; the report reads the rest from the details
+    assert tracked == {model: {key: entry[key] for key in ("raw", "model_input", "fired")}
+                       for model, entry in details.items()}
+    return tracked
 
 
 def test_stage_warns_with_artefact_and_not_without(tmp_path: Path,
@@ -226,10 +362,19 @@ def test_stage_warns_with_artefact_and_not_without(tmp_path: Path,
     make_dataset(tmp_path / "artefact", "artefact", per_class=24)
     metrics = run_probe_stage(tmp_path / "artefact", monkeypatch)
     assert set(metrics) == {"covid_normal", "covid_pneumonia"}
-    for model in metrics.values():
-        assert model["fired"] is True and model["trivial_stats_auc"] > 0.9
-        assert model["random_features_auc"] > 0.8  # an untrained VGG16 sees the marker too
-        assert model["images"] == 48 and model["probe_img_size"] == 32
+    details = json.loads((tmp_path / "artefact" / "reports" / "probe" / "details.json")
+                         .read_text())
+    for name, model in metrics.items():
+        assert set(model) == {"raw", "model_input", "fired"}  # compact: the rest is in details
+        assert model["fired"] is True
+        for view in ("raw", "model_input"):
+            assert model[view]["stats_auc"] > 0.9
+            assert model[view]["backbone_auc"] > 0.8  # an untrained VGG16 sees the marker too
+        # the default preprocessing IS the seed's stretch: one backbone pass, the same AUC
+        assert model["raw"]["backbone_auc"] == model["model_input"]["backbone_auc"]
+        assert details[name]["images"] == 48 and details[name]["probe_img_size"] == 32
+        assert details[name]["preprocess"] == Preprocessing().as_dict()
+        assert {k: details[name][k] for k in model} == model
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(w.startswith("WARNING covid_pneumonia: image statistics alone separate covid "
                             "from pneumonia") for w in warnings)
@@ -239,8 +384,26 @@ def test_stage_warns_with_artefact_and_not_without(tmp_path: Path,
     make_dataset(tmp_path / "clean", "disease", per_class=24)
     metrics = run_probe_stage(tmp_path / "clean", monkeypatch)
     for model in metrics.values():
-        assert model["fired"] is False and model["trivial_stats_auc"] < 0.8
+        assert model["fired"] is False
+        assert model["raw"]["stats_auc"] < 0.8 and model["model_input"]["stats_auc"] < 0.8
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_stage_measures_the_model_input_with_params_preprocess(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The corner marker is inside the outer 20%: ``crop_border`` takes it out of the model's
+    input, and only the model-input AUCs fall."""
+    make_dataset(tmp_path, "marker", per_class=24)
+    seed_recipe = run_probe_stage(tmp_path, monkeypatch)
+    cropped = run_probe_stage(tmp_path, monkeypatch, {"crop_border": 0.2, "grayscale": True})
+    details = json.loads((tmp_path / "reports" / "probe" / "details.json").read_text())
+    assert details["covid_normal"]["preprocess"]["crop_border"] == 0.2
+    for name in seed_recipe:
+        assert cropped[name]["raw"] == seed_recipe[name]["raw"]
+        assert seed_recipe[name]["model_input"]["stats_auc"] > 0.9
+        assert cropped[name]["model_input"]["stats_auc"] < 0.75
+        assert (cropped[name]["model_input"]["backbone_auc"]
+                < seed_recipe[name]["model_input"]["backbone_auc"] - 0.1)
 
 
 def test_real_sample_sources_are_separable_from_statistics(xray_sample: Path) -> None:
@@ -254,5 +417,23 @@ def test_real_sample_sources_are_separable_from_statistics(xray_sample: Path) ->
     result = probe_model("covid_normal", files, labels, [f.name for f in files], records, None,
                          positive="covid", negative="normal", threshold=0.8, folds=5, seed=42,
                          backbone="vgg16", img_size=32)
-    assert result.trivial.auc is not None and result.trivial.auc > 0.8
-    assert result.fired
+    assert result.raw.trivial.auc is not None and result.raw.trivial.auc > 0.8
+    assert result.raw_fired
+
+
+def test_report_puts_the_model_input_aucs_beside_the_files(tmp_path: Path) -> None:
+    from covid_xray.report import RunMetrics, probe_lines, render_model_card
+
+    result = _result(raw=(0.99, 0.97), seen=(0.61, 0.83))
+    details = {**result.details(), "preprocessing": Preprocessing(grayscale=True).describe()}
+    run = RunMetrics(selection={}, copy_images={}, split={}, audit={},
+                     probe={"covid_pneumonia": details}, evaluate={}, validate={},
+                     models={}, source={})
+    [line, recipe] = probe_lines(run)
+    assert ("image-statistics AUC 0.990 on the files, 0.610 on the model's input; "
+            "untrained-backbone AUC 0.970 / 0.830 (threshold 0.80): below the threshold") in line
+    assert "channels, width (files), mean (model input)" in line
+    assert "An untrained network with random weights also separates them (AUC 0.830)" in line
+    assert recipe.startswith("- Model input: `decode->RGB->grey(luma)->") and "224 px" in recipe
+    card = render_model_card(run, "covid_pneumonia")
+    assert ("image-statistics AUC 0.990 / 0.610, untrained-backbone AUC 0.970 / 0.830." in card)

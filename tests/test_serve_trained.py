@@ -155,6 +155,7 @@ def test_the_api_gives_the_pipelines_verdicts(server: str, trained_repo: Path,
     for model in MODEL_NAMES:  # the very files the pipeline wrote, bound to their sidecars
         sidecar = json.loads((trained_repo / "models" / f"{model}.json").read_text())
         assert sidecar["model_sha256"].startswith(health["models"][model]["sha256"])
+        assert health["models"][model]["training_source"] == sidecar["training_source"] == "demo"
     compared = 0
     for path in picked:
         with path.open("rb") as handle:
@@ -163,3 +164,20 @@ def test_the_api_gives_the_pipelines_verdicts(server: str, trained_repo: Path,
         assert response.status_code == 200, (path.name, response.text)
         compared += check_answer(response.json(), stored, path)
     assert compared >= len(picked)
+
+
+def test_demo_models_say_why_they_refuse(trained_repo: Path, picked: list[Path]) -> None:
+    """The pipeline's sidecars record the demo source; a feature-check refusal names it and the
+    command that trains on real data (a limit tightened so that the check refuses)."""
+    sidecar = json.loads((trained_repo / "models" / "covid_normal.json").read_text())
+    assert (sidecar["training_source"], sidecar["weights"], sidecar["weights_sha256"]) == (
+        "demo", "none", "")
+    assert "synthetic demo images" in sidecar["training_data"]
+    done = subprocess.run([*cli(), "predict", str(picked[0]), "--models-dir",
+                           str(trained_repo / "models"), "--ood-tolerance", "1e-9"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["refused_by"] == "features", answer["checks"]
+    assert "synthetic demo images that these models were trained on" in answer["message"]
+    assert "dvc exp run -S data.source=download" in answer["message"]

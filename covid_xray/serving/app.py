@@ -2,7 +2,8 @@
 
 Production: ``covid-xray serve`` (waitress). Development: ``flask --app covid_xray.serving.app run``
 (Flask finds :func:`create_app`; settings come from ``COVID_XRAY_MODELS_DIR``,
-``COVID_XRAY_MAX_UPLOAD_MB``, ``COVID_XRAY_MAX_PIXELS`` and ``COVID_XRAY_OOD_TOLERANCE``).
+``COVID_XRAY_MAX_UPLOAD_MB``, ``COVID_XRAY_MAX_PIXELS``, ``COVID_XRAY_OOD_TOLERANCE``,
+``COVID_XRAY_MAX_DECODED_MB`` and ``COVID_XRAY_DECODE_SLOTS``).
 Uploads are read into memory and decoded by content; nothing is written under the client's file
 name, and every bad input the app sees gets a JSON error naming its cause, never a stack trace.
 Limits and their validation: :mod:`covid_xray.serving.settings`.
@@ -20,7 +21,7 @@ from flask import Flask, Response, current_app, jsonify, render_template, reques
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, State
 
-from covid_xray.imaging import MAX_PIXELS_DEFAULT
+from covid_xray.imaging import MAX_DECODED_BYTES_DEFAULT, MAX_PIXELS_DEFAULT
 from covid_xray.predict import DISCLAIMER, InputError, PredictionService
 from covid_xray.serving import settings as limits
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_MB = limits.DEFAULT_MAX_UPLOAD_MB
 SERVICE_KEY = "covid_xray.service"
 _CHECKS = {"MAX_UPLOAD_MB": limits.max_upload_mb, "MAX_PIXELS": limits.max_pixels,
-           "OOD_TOLERANCE": limits.ood_tolerance}
+           "OOD_TOLERANCE": limits.ood_tolerance, "MAX_DECODED_MB": limits.max_decoded_mb,
+           "DECODE_SLOTS": limits.decode_slots}
 
 
 def _settings(config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -39,7 +41,9 @@ def _settings(config: Mapping[str, Any] | None) -> dict[str, Any]:
     (``COVID_XRAY_MAX_UPLOAD_MB``) or the config key.
     """
     settings: dict[str, Any] = {"MODELS_DIR": "models", "MAX_UPLOAD_MB": DEFAULT_MAX_UPLOAD_MB,
-                                "MAX_PIXELS": MAX_PIXELS_DEFAULT, "OOD_TOLERANCE": 1.0}
+                                "MAX_PIXELS": MAX_PIXELS_DEFAULT, "OOD_TOLERANCE": 1.0,
+                                "MAX_DECODED_MB": MAX_DECODED_BYTES_DEFAULT / limits.MIB,
+                                "DECODE_SLOTS": limits.DEFAULT_DECODE_SLOTS}
     names = dict.fromkeys(settings, "")
     for key in settings:
         variable = f"COVID_XRAY_{key}"
@@ -58,7 +62,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app and load the models once (warmed up); a bad model file raises at once.
 
     ``config`` keys: ``MODELS_DIR``, ``MAX_UPLOAD_MB`` (413 beyond it), ``MAX_PIXELS`` (decoded
-    pixel cap, 400 beyond it), ``OOD_TOLERANCE`` (scales the feature-distance limit),
+    pixel cap, 400 beyond it), ``MAX_DECODED_MB`` (decoder-output cap in MiB, 400 beyond it),
+    ``DECODE_SLOTS`` (large decodes at once), ``OOD_TOLERANCE`` (scales the feature-distance
+    limit),
     ``SERVICE`` (an already loaded :class:`PredictionService`, so tests and the benchmark do not
     reload models), plus any Flask setting (``MAX_FORM_MEMORY_SIZE`` and ``MAX_FORM_PARTS``
     default to :mod:`~covid_xray.serving.settings`' limits).
@@ -70,7 +76,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     service = settings["SERVICE"] or PredictionService.load(
         settings["MODELS_DIR"], max_pixels=settings["MAX_PIXELS"],
-        ood_tolerance=settings["OOD_TOLERANCE"])
+        ood_tolerance=settings["OOD_TOLERANCE"],
+        max_bytes=limits.decoded_bytes_cap(settings["MAX_DECODED_MB"]),
+        decode_slots=settings["DECODE_SLOTS"])
     app.extensions[SERVICE_KEY] = service
     _register_routes(app)
     _register_errors(app)
@@ -171,9 +179,11 @@ def _register_routes(app: Flask) -> None:
     @app.get("/")
     def index() -> str:
         service = _service()
+        models = [{"name": m.name, "demo": m.info.trained_on_demo,
+                   "trained_on": m.info.trained_on}
+                  for m in service.models]
         return render_template("index.html", disclaimer=DISCLAIMER,
-                               max_upload_mb=app.config["MAX_UPLOAD_MB"],
-                               models=[m.name for m in service.models])
+                               max_upload_mb=app.config["MAX_UPLOAD_MB"], models=models)
 
     @app.post("/api/predict")
     def api_predict() -> Response | tuple[Response, int]:

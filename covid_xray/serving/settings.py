@@ -51,6 +51,14 @@ MAX_FORM_PARTS = 16
 """Werkzeug's limit on multipart parts (``MAX_FORM_PARTS``); the API needs one."""
 MIN_MAX_PIXELS = 256 * 256
 MAX_MAX_PIXELS = 1_000_000_000
+MIB = 1024 * 1024
+MIN_MAX_DECODED_MB = 1.0
+"""A 1,000 x 1,000 grey image decodes to about 1 MiB: below this no usable X-ray would decode."""
+MAX_MAX_DECODED_MB = 16384.0
+DEFAULT_DECODE_SLOTS = 2
+"""Large decodes (above ``predict.LARGE_DECODE_BYTES``) that may run at once; the others wait."""
+MAX_DECODE_SLOTS = 64
+"""Each slot may hold a decode of up to the cap plus its RGB copy at once."""
 FDS_PER_CONNECTION = 3
 """Waitress: a socket, plus a temporary file each for a large request and a large response."""
 FDS_RESERVED = 256
@@ -95,6 +103,24 @@ def max_upload_mb(value: Any, name: str = "--max-upload-mb") -> float:
 
 def max_pixels(value: Any, name: str = "--max-pixels") -> int:
     return bounded_int(value, name, MIN_MAX_PIXELS, MAX_MAX_PIXELS)
+
+
+def max_decoded_mb(value: Any, name: str = "--max-decoded-mb") -> float:
+    """The decoder-output cap in MiB (width x height x channels x bytes per channel)."""
+    number = _number(value, name)
+    if not MIN_MAX_DECODED_MB <= number <= MAX_MAX_DECODED_MB:
+        raise SettingError(f"{name} must be from {MIN_MAX_DECODED_MB:g} to "
+                           f"{MAX_MAX_DECODED_MB:g}, got {value!r}")
+    return number
+
+
+def decoded_bytes_cap(megabytes: float) -> int:
+    """``--max-decoded-mb`` as the byte count ``PredictionService(max_bytes=...)`` takes."""
+    return int(megabytes * MIB)
+
+
+def decode_slots(value: Any, name: str = "--decode-slots") -> int:
+    return bounded_int(value, name, 1, MAX_DECODE_SLOTS)
 
 
 def ood_tolerance(value: Any, name: str = "--ood-tolerance") -> float:
