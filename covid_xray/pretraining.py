@@ -39,7 +39,6 @@ from covid_xray.pretrain_data import (
     IMAGES_COLUMNS,
     IMAGES_FILE,
     INFO_FILE,
-    LABELS,
     POSITIVE_LABEL,
     WEIGHTS_FILE,
     select_images,
@@ -194,14 +193,10 @@ def pretrain(paths: Paths, params: Params, verbose: int = 2) -> dict[str, Any]:
         if at_model_size["roc_auc"] is not None:
             live.log_metric("kermany_test_at_model_size/roc_auc", at_model_size["roc_auc"],
                             plot=False)
-        for use in ("train", "val"):
-            for label in LABELS:
-                live.log_metric(f"data/{use}_{label}", counts[use][label], plot=False)
-        live.log_metric("data/left_out", counts["left_out"]["total"], plot=False)
+        # tracked: what experiments compare (the image counts are in models/pretrain/info.json)
         live.log_metric("seconds/fit", round(seconds["fit"], 1), plot=False)
         live.log_metric("seconds/per_epoch", round(seconds["fit"] / settings.epochs, 2),
                         plot=False)
-        live.log_metric("seconds/decode", round(seconds["decode"], 1), plot=False)
 
     info = {
         "used": True,

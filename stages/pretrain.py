@@ -35,11 +35,12 @@ def main() -> None:
     info = pretrain(paths, params)
     images, test = info["images"], info["kermany_test"]
     log.info("pretrained %s (%s init) at %d px on %s NORMAL / %s PNEUMONIA images (%s / %s "
-             "val; %d left out, %d not drawn) in %.0f s: Kermany test ROC AUC %s [%s, %s] "
-             "(%d images; %s at model.img_size %d)", info["architecture"],
+             "val; %d left out, %d not drawn) in %.0f s (+%.0f s decoding): Kermany test ROC "
+             "AUC %s [%s, %s] (%d images; %s at model.img_size %d)", info["architecture"],
              params.pretrain.init, params.pretrain.img_size, images["train"]["normal"],
              images["train"]["pneumonia"], images["val"]["normal"], images["val"]["pneumonia"],
              images["left_out"]["total"], images["not_drawn"], info["seconds"]["fit"],
+             info["seconds"]["decode"],
              test["roc_auc"], test["roc_auc_ci_low"], test["roc_auc_ci_high"], test["n"],
              info["kermany_test_at_model_size"]["roc_auc"], params.model.img_size)
 
