@@ -355,6 +355,13 @@ class ProbeParams(_Section):
 
 
 @dataclass(config=_CONFIG)
+class CrossSourceParams(_Section):
+    min_images: Whole = Field(10, ge=1, le=1_000_000, description=(
+        "cross-source validation: an origin with at least this many images of a model's set is "
+        "a fold of its own; smaller origins are held out together as one fold"))
+
+
+@dataclass(config=_CONFIG)
 class Params:
     """Every section of params.yaml, in its order."""
 
@@ -370,6 +377,7 @@ class Params:
     validate: ValidateParams = Field(default_factory=ValidateParams)
     audit: AuditParams = Field(default_factory=AuditParams)
     probe: ProbeParams = Field(default_factory=ProbeParams)
+    cross_source: CrossSourceParams = Field(default_factory=CrossSourceParams)
 
     @property
     def seed(self) -> int:
