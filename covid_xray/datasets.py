@@ -636,8 +636,11 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
                 "data.demo.kermany_train)", skipped, raw_dir, excluded)
         held, used = draw_heldout(pool, size, seed, f"heldout/{label}")
         plan[("heldout", label)] = held + pools.get(f"{COLLECTION}_heldout_{label}", [])
-        available = {source: ([i for i in pool if i.patient_group not in used]
-                              if source == KERMANY else pools[negative_pool(source, label)])
+        # no training image from a held-out group, whatever its source (a folder's copy of a
+        # held-out Kermany picture is in that picture's group)
+        available = {source: [i for i in (pool if source == KERMANY
+                                          else pools[negative_pool(source, label)])
+                              if i.patient_group not in used]
                      for source in params.sources(label)}
         quotas = share_equally(wanted, {s: len(images) for s, images in available.items()})
         if sum(quotas.values()) < wanted:

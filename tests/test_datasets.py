@@ -608,6 +608,27 @@ def test_every_source_is_grouped_and_kept_clear_of_evaluation_and_external(
     assert result.report["images"]["covid_normal"] == {"covid": 8, "normal": 8}
 
 
+def test_a_folder_copy_of_a_held_out_kermany_picture_never_trains(tmp_path: Path) -> None:
+    """Every Kermany train NORMAL is held out (copy.heldout_normal=20); the adult folder holds a
+    re-encoded copy of one of them: same patient group, so it stays out of training."""
+    root = make_tree(tmp_path)
+    adult = make_folder(tmp_path / "adult", {"normal": 12})
+    kermany = root / "data" / "raw" / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg"
+    pixels = cv2.imread(str(kermany), cv2.IMREAD_GRAYSCALE)
+    ok, data = cv2.imencode(".jpeg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 70])
+    assert ok
+    copy = adult / "normal" / "copy-of-kermany.jpeg"
+    copy.write_bytes(data.tobytes())
+    result = build(root, normal=20, negatives={"normal": ("adult",)}, folders={"adult": adult})
+    manifest = result.manifest
+    held = manifest[(manifest["set"] == "heldout") & (manifest["label"] == "normal")]
+    assert "chest_xray/train/NORMAL/IM-0001-0001.jpeg" in set(held["source"])
+    training = manifest[manifest["set"] == "covid_normal"]
+    assert str(copy) not in set(training["source"])
+    assert result.report["negative_sources"]["covid_normal"] == {"adult": 10}
+    check_disjoint(manifest)
+
+
 def test_sources_that_cannot_balance_or_do_not_exist_say_what_to_change(tmp_path: Path) -> None:
     root = make_tree(tmp_path)
     make_collection_negatives(root, {"normal": 2, "pneumonia": 0}, {})
