@@ -205,6 +205,19 @@ def negative_source_lines(copy_images: dict[str, Any]) -> list[str]:
             f"own non-COVID X-rays, from the same papers and websites): {'; '.join(parts)}."]
 
 
+NEGATIVE_SOURCE_NAMES = {
+    "kermany": "Kermany et al. chest_xray (paediatric, one hospital)",
+    "covid_collection": "the ieee8023 collection's own non-COVID X-rays (same papers and websites "
+                        "as its COVID images)"}
+
+
+def negative_sources_text(run: RunMetrics, model: str) -> str:
+    """Where a model's negatives came from, with counts (Kermany only in the seed's setup)."""
+    counts = run.copy_images.get("negative_sources", {}).get(model) or {"kermany": None}
+    return "; ".join(f"{NEGATIVE_SOURCE_NAMES.get(name, f'folder `{name}`')}"
+                     + ("" if n is None else f" ({n})") for name, n in counts.items())
+
+
 def _cell(row: dict[str, Any], name: str) -> str:
     value = row.get(name, "")
     if value in ("", None):
@@ -399,8 +412,8 @@ def render_model_card(run: RunMetrics, model: str) -> str:
            "",
            "## Training data and its known biases", "",
            f"- COVID-19 images: ieee8023 COVID-19 image data collection (PA X-rays); {negative} "
-           "images: Kermany et al. chest_xray (paediatric, one hospital), balanced to the COVID "
-           "count.", f"- Source of this run: `{run.source.get('source', 'unknown')}`.",
+           f"images, balanced to the COVID count: {negative_sources_text(run, model)}.",
+           f"- Source of this run: `{run.source.get('source', 'unknown')}`.",
            "- The two classes come from different populations and sources: the model may learn "
            "age, hospital or file format instead of disease.", "",
            "## Metrics", "", results_table(run, model), "",

@@ -171,6 +171,8 @@ def test_cross_source_needs_negatives_from_more_than_one_source(
     report = (bench_run["repo"] / "reports" / "report.md").read_text()
     assert "## Cross-source validation" in report and "Pooled out-of-source ROC AUC" in report
     assert "Negatives by source (`copy.negatives`" in report
+    card = (bench_run["repo"] / "models" / "covid_normal.card.md").read_text()
+    assert "folder `adult` (20); the ieee8023 collection's own non-COVID X-rays" in card
 
 
 @pytest.mark.slow
