@@ -138,12 +138,19 @@ def _auc(metrics: dict[str, Any] | None, key: str = "roc_auc") -> str:
 
 
 def probe_cell(probe: dict[str, Any] | None) -> str:
-    """Every ``*_auc`` of a model's probe entry (raw-file and, where the probe has them,
-    model-input figures), ``name value`` joined by commas."""
-    if not probe:
-        return "n/a"
-    items = sorted((k.removesuffix("_auc"), v) for k, v in probe.items()
-                   if k.endswith("_auc") and isinstance(v, int | float))
+    """Every ``*_auc`` of a model's probe entry, nested views included (``raw.stats_auc`` ->
+    ``raw stats``: the files; ``model_input.*``: what the model is given), ``name value``
+    joined by commas."""
+    def aucs(entry: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+        found = []
+        for key, value in entry.items():
+            if isinstance(value, dict):
+                found += aucs(value, f"{prefix}{key} ")
+            elif key.endswith("_auc") and isinstance(value, int | float):
+                found.append((f"{prefix}{key.removesuffix('_auc')}", float(value)))
+        return found
+
+    items = sorted(aucs(probe)) if probe else []
     return ", ".join(f"{name} {value:.3f}" for name, value in items) or "n/a"
 
 

@@ -86,8 +86,9 @@ def test_table_has_a_row_per_variant_and_model_with_intervals() -> None:
                                              "within_origin_auc_median": 0.55,
                                              "within_origin_folds": 4}},
            "validate": {"covid_normal": {"external": {"actualmed": auc}}},
-           "probe": {"covid_normal": {"trivial_stats_auc": 1.0, "random_features_auc": 0.99,
-                                      "threshold": 0.8}},
+           "probe": {"covid_normal": {"raw": {"stats_auc": 1.0, "backbone_auc": 0.99},
+                                      "model_input": {"stats_auc": 0.62, "backbone_auc": 0.9},
+                                      "fired": False}},
            "copy_images": {"negative_sources": {"covid_normal": {"kermany": 9,
                                                                  "covid_collection": 3}}}}
     table = _bench().variants_table({"seed": {}, "multi": run}).splitlines()
@@ -97,7 +98,8 @@ def test_table_has_a_row_per_variant_and_model_with_intervals() -> None:
     assert len(table) == 2 + 4
     assert table[4] == ("| multi | covid_normal | kermany 9, covid_collection 3 | "
                         "0.900 [0.80, 0.95] | 0.610 [0.50, 0.70] | 0.550 (4) | "
-                        "0.900 [0.80, 0.95] | random_features 0.990, trivial_stats 1.000 |")
+                        "0.900 [0.80, 0.95] | model_input backbone 0.900, model_input stats 0.620, "
+                        "raw backbone 0.990, raw stats 1.000 |")
     assert table[2].startswith("| seed | covid_normal | n/a | n/a | n/a | n/a | n/a | n/a |")
 
 
@@ -184,6 +186,6 @@ def test_the_table_compares_the_variants(bench_run: dict[str, Any]) -> None:
     assert all("external demo_external AUC" in line for line in lines
                if line.startswith("| variant |"))
     seed_row = next(r for r in rows if r.startswith("| seed | covid_normal |"))
-    assert "| kermany 61 |" in seed_row and "random_features" in seed_row
+    assert "| kermany 61 |" in seed_row and "model_input stats" in seed_row
     assert "Choose by the cross-source column" in bench_run["stdout"]
     assert (bench_run["work"] / "seed.log").is_file()
