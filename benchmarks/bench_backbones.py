@@ -5,8 +5,8 @@ run once and stay cached; the checkout is never touched), then prints:
 
 - the pretrain's own check: ROC AUC on Kermany's test folder, NORMAL vs PNEUMONIA (``xray`` only);
 - the internal test split of both COVID models (ROC AUC, 95% interval);
-- cross-source validation, from ``metrics/cross_source.json`` when a ``cross_source`` stage
-  writes it (else ``n/a``);
+- cross-source validation: the ``cross_source`` stage's pooled out-of-source ROC AUC per model
+  (``metrics/cross_source.json``; ``n/a`` where a fold lacks a class);
 - cost: pretrain seconds per epoch and total, featurize seconds;
 
 and, once, after that comparison, the external sets (never used to choose anything). Variants:
@@ -64,21 +64,21 @@ def auc(metrics: dict[str, Any] | None) -> str:
 
 
 def cross_source(repo: Path) -> str:
-    """Every AUC in metrics/cross_source.json (its layout belongs to the cross_source stage)."""
+    """Per model, the pooled out-of-source ROC AUC (and the median within-origin AUC) of the
+    cross_source stage's metrics/cross_source.json, or n/a without it."""
     found = read(repo, "metrics/cross_source.json")
-    if not found:
-        return "n/a"
-    leaves: list[str] = []
-
-    def walk(node: Any, key: str) -> None:
-        if isinstance(node, dict):
-            for name, value in node.items():
-                walk(value, f"{key}.{name}" if key else name)
-        elif isinstance(node, int | float) and "auc" in key.split(".")[-1] and "ci" not in key:
-            leaves.append(f"{key} {node:.3f}")
-
-    walk(found, "")
-    return "; ".join(leaves) or "n/a"
+    parts = []
+    for model in MODELS:
+        metrics = found.get(model) or {}
+        if metrics.get("pooled_roc_auc") is None:
+            continue
+        pooled = auc({"roc_auc": metrics["pooled_roc_auc"],
+                      "roc_auc_ci_low": metrics.get("pooled_roc_auc_ci_low"),
+                      "roc_auc_ci_high": metrics.get("pooled_roc_auc_ci_high")})
+        median = metrics.get("within_origin_auc_median")
+        parts.append(f"{model} {pooled}" + (f", within-origin median {median:.3f}"
+                                            if median is not None else ""))
+    return "; ".join(parts) or "n/a"
 
 
 def collect(repo: Path, seconds: float) -> dict[str, Any]:

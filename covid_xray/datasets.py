@@ -16,6 +16,15 @@ the audit's own criterion). A training image is left out (``excluded.csv``, with
 its group holds a held-out or Kermany-test image, when its group holds another label, or when it is
 the same picture as an external-set image. Kermany held-out images are drawn by whole groups, and
 the split groups by ``patient_group``, so no patient and no picture can sit on both sides.
+
+Negatives from several sources (``copy.negatives``): each model's negative class is drawn from the
+listed sources, ``kermany`` (the seed's), ``covid_collection`` (the COVID collection's own
+non-COVID rows, from the same papers and websites: same-source negatives) and labelled folders of
+adult X-rays (``copy.folders``). The count still balances the COVID training images; it is shared
+equally among the sources, a source with fewer images giving all it has and the others making up
+the rest (:func:`share_equally`). Every source goes through the same decode, patient grouping,
+near-duplicate grouping and leave-out rules, and each image keeps its ``origin`` (the url domain of
+a collection row, ``kermany``, or the folder's name) for cross-source validation.
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ EVALUATION_SETS: tuple[str, ...] = ("heldout", "kermany_test")
 EXTERNAL_LABELS: tuple[str, ...] = ("covid", "normal", "pneumonia")
 """Class subfolders read from an external set (``validate.external.<name>``)."""
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "set", "label", "patient_id", "sha256", "source",
-                                     "width", "height", "format", "patient_group")
+                                     "width", "height", "format", "patient_group", "origin")
 SKIPPED_COLUMNS: tuple[str, ...] = ("source", "reason")
 EXCLUDED_REASONS: tuple[str, ...] = (
     "same_picture_as_heldout", "same_picture_as_kermany_test", "patient_in_heldout",
@@ -80,7 +89,11 @@ EVALUATION_POOLS: dict[str, str] = {"covid_heldout": "heldout",
 TRAINING_POOLS: tuple[str, ...] = ("covid_train", "kermany_train_normal",
                                    "kermany_train_pneumonia")
 KERMANY_CLASSES: dict[str, str] = {"normal": "NORMAL", "pneumonia": "PNEUMONIA"}
-_INTERIM_COLUMNS = ("patient_id", "image_path")
+KERMANY, COLLECTION = "kermany", "covid_collection"
+"""The built-in negative sources (``copy.negatives``); other names are ``copy.folders`` entries."""
+FOLDER_LABELS: tuple[str, ...] = ("normal", "pneumonia")
+"""Class subfolders read from a ``copy.folders`` folder."""
+_INTERIM_COLUMNS = ("patient_id", "image_path", "origin")
 
 
 # ------------------------------------------------------------------------------------ patient ids
@@ -107,6 +120,10 @@ class Candidate:
     source: Path
     label: str
     patient_id: str
+    origin: str = ""
+    """Where it was published (url domain, ``kermany``, a folder's name): cross-source folds."""
+    dataset: str = ""
+    """Which negative source it belongs to: ``kermany``, ``covid_collection`` or a folder name."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,8 @@ class ImageRecord:
     format: str
     patient_group: str = ""
     """The merged group (:func:`patient_groups`); empty until grouped."""
+    origin: str = ""
+    dataset: str = ""
 
     @property
     def sha256(self) -> str:
@@ -153,7 +172,8 @@ def inspect_file(candidate: Candidate) -> ImageRecord | Skip:
     except (ImageRejected, OSError) as exc:
         return Skip(candidate.source, f"{classify_decode_error(exc)}: {exc}")
     return ImageRecord(candidate.source, candidate.label, candidate.patient_id,
-                       fingerprint(data, rgb), info.width, info.height, info.format)
+                       fingerprint(data, rgb), info.width, info.height, info.format,
+                       origin=candidate.origin, dataset=candidate.dataset)
 
 
 def inspect_files(candidates: Sequence[Candidate], desc: str,
@@ -214,7 +234,9 @@ def patient_groups(images: Sequence[ImageRecord], max_distance: int) -> dict[Pat
 
 
 def leave_out(pools: dict[str, list[ImageRecord]], decoded: Iterable[ImageRecord],
-              max_distance: int, external: dict[str, dict[Path, Fingerprint]], raw_dir: Path
+              max_distance: int, external: dict[str, dict[Path, Fingerprint]], raw_dir: Path,
+              evaluation_pools: dict[str, str] | None = None,
+              training_pools: Sequence[str] = TRAINING_POOLS
               ) -> tuple[dict[str, list[ImageRecord]], list[Skip]]:
     """Training pools without the images that would make sets share a patient or a picture.
 
@@ -222,9 +244,11 @@ def leave_out(pools: dict[str, list[ImageRecord]], decoded: Iterable[ImageRecord
     evaluation image (held-out or Kermany test); its patient group holds one (Kermany patients
     in both ``train/`` and ``test/`` go to the test side); it is the same picture as a file of
     an external set; its group holds another label among all ``decoded`` images (a picture
-    published as COVID-19 and as normal). Evaluation pools are never changed.
+    published as COVID-19 and as normal). Evaluation pools (``evaluation_pools``: pool -> set,
+    default :data:`EVALUATION_POOLS`) are never changed; ``training_pools`` are filtered.
     """
-    evaluation = [(EVALUATION_POOLS[name], image) for name in EVALUATION_POOLS
+    evaluation_pools = EVALUATION_POOLS if evaluation_pools is None else evaluation_pools
+    evaluation = [(evaluation_pools[name], image) for name in evaluation_pools
                   for image in sorted(pools[name], key=lambda i: i.source.as_posix())]
     eval_prints = [image.fingerprint for _, image in evaluation]
     first_in_group: dict[str, tuple[str, ImageRecord]] = {}
@@ -239,7 +263,7 @@ def leave_out(pools: dict[str, list[ImageRecord]], decoded: Iterable[ImageRecord
 
     kept_pools: dict[str, list[ImageRecord]] = {}
     excluded: list[Skip] = []
-    for name in TRAINING_POOLS:
+    for name in training_pools:
         pool = pools[name]
         prints = [image.fingerprint for image in pool]
         same_eval = same_pictures(prints, eval_prints, max_distance)
@@ -287,11 +311,18 @@ def external_fingerprints(external: dict[str, Path]) -> dict[str, dict[Path, Fin
 
 
 # ------------------------------------------------------------------------------------ candidates
-def covid_candidates(table_path: Path, covid_dir: Path) -> list[Candidate]:
-    """Rows of ``covid_selected.csv`` / ``covid_heldout.csv`` as files under the COVID dataset."""
-    table = read_stage_csv(table_path, _INTERIM_COLUMNS, "select_metadata")
-    return [Candidate(covid_dir / path, POSITIVE_CLASS, patient)
-            for patient, path in zip(table["patient_id"], table["image_path"], strict=True)]
+def covid_candidates(table_path: Path, covid_dir: Path,
+                     label: str = POSITIVE_CLASS) -> list[Candidate]:
+    """Rows of ``covid_selected.csv`` / ``covid_heldout.csv`` as files under the COVID dataset;
+    with a negative ``label``, the rows of that label of ``negatives_*.csv`` (the collection's
+    own non-COVID X-rays, same patient ids: a patient with both kinds of picture is one group)."""
+    required = _INTERIM_COLUMNS if label == POSITIVE_CLASS else (*_INTERIM_COLUMNS, "label")
+    table = read_stage_csv(table_path, required, "select_metadata")
+    if label != POSITIVE_CLASS:
+        table = table[table["label"] == label]
+    return [Candidate(covid_dir / path, label, patient, origin or "unknown", COLLECTION)
+            for patient, path, origin in zip(table["patient_id"], table["image_path"],
+                                             table["origin"], strict=True)]
 
 
 def kermany_candidates(kermany_dir: Path, split: str, label: str) -> list[Candidate]:
@@ -301,8 +332,64 @@ def kermany_candidates(kermany_dir: Path, split: str, label: str) -> list[Candid
     if not folder.is_dir():
         raise PipelineError(f"{folder}: folder not found; expected Kermany's chest_xray layout "
                             "{train,test}/{NORMAL,PNEUMONIA}/. Re-run the acquire stage.")
-    return [Candidate(path, label, kermany_patient_id(path.name))
+    return [Candidate(path, label, kermany_patient_id(path.name), KERMANY, KERMANY)
             for path in sorted(folder.iterdir()) if path.is_file() and not is_junk(path.name)]
+
+
+_FOLDER_PATIENT = (re.compile(r"(\d{8})_\d{3}\.[A-Za-z]+"),)
+"""File names that encode a patient in public adult sets (NIH ChestX-ray14: ``00000013_005.png``
+is patient 00000013)."""
+
+
+def folder_patient_id(name: str, relative: Path) -> str:
+    """The patient of a file of folder ``name``: from its file name where one of the known
+    patterns (Kermany's, NIH's) gives it, else the file itself (``<name>-<path in the folder
+    without suffix>``, so ``normal/1.png`` and ``pneumonia/1.png`` are two patients), which can
+    only make grouping stricter, never leak."""
+    derived = kermany_patient_id(relative.name)
+    if derived != f"kermany-{Path(relative.name).stem}":
+        return f"{name}-{derived.removeprefix('kermany-')}"
+    for pattern in _FOLDER_PATIENT:
+        if match := pattern.fullmatch(relative.name):
+            return f"{name}-{match[1]}"
+    return f"{name}-{relative.with_suffix('').as_posix()}"
+
+
+def folder_candidates(name: str, folder: Path, label: str) -> list[Candidate]:
+    """Every file under ``<folder>/<label>/`` (recursively, sorted, OS junk ignored) of a
+    ``copy.folders`` entry; origin and source are the folder's name."""
+    base = folder / label
+    if not base.is_dir():
+        return []
+    return [Candidate(path, label, folder_patient_id(name, path.relative_to(folder)), name, name)
+            for path in sorted(base.rglob("*"))
+            if path.is_file() and not is_junk(path.relative_to(folder))
+            and not path.name.startswith(".")]
+
+
+def share_equally(wanted: int, available: dict[str, int]) -> dict[str, int]:
+    """How many images each source gives so that they add up to ``wanted`` (or all there is).
+
+    Equal shares, a source with fewer images giving all it has and the others splitting the
+    rest equally (water-filling); a remainder that does not divide goes one image each to the
+    sources in list order. Order-independent otherwise, so no source is favoured by its place.
+    """
+    quota = dict.fromkeys(available, 0)
+    open_sources = [s for s in available if available[s] > 0]
+    left = min(wanted, sum(available.values()))
+    while left > 0 and open_sources:
+        share, extra = divmod(left, len(open_sources))
+        small = [s for s in open_sources if available[s] - quota[s] <= share]
+        if small:  # they give everything they have; the rest is shared again
+            for source in small:
+                left -= available[source] - quota[source]
+                quota[source] = available[source]
+            open_sources = [s for s in open_sources if s not in small]
+            continue
+        for k, source in enumerate(open_sources):
+            quota[source] += share + (1 if k < extra else 0)
+        left = 0
+    return quota
 
 
 # -------------------------------------------------------------------------------------- sampling
@@ -459,27 +546,49 @@ class DatasetBuild:
 
 def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
                    params: CopyParams, *, max_distance: int,
-                   external: dict[str, Path] | None = None) -> DatasetBuild:
+                   external: dict[str, Path] | None = None,
+                   folders: dict[str, Path] | None = None) -> DatasetBuild:
     """Populate ``out_dir`` (an empty temp folder) with every class folder, manifest and report.
 
     Training sets: all COVID training images in both models; as many NORMAL (PNEUMONIA) images,
-    drawn with ``seed`` from Kermany train. Held-out: the held-out COVID rows, plus
-    ``params.heldout_*`` Kermany-train images from patient groups no training folder uses; and
-    all of Kermany test. Training images that would share a patient group or a picture with an
-    evaluation set, or a picture with an ``external`` folder (``name: folder``), are left out
-    (:func:`leave_out`; near-duplicate: pHash within ``max_distance`` bits, the audit's
-    ``audit.phash_max_distance``). Raises :class:`PipelineError` if the pools are too small or a
-    disjointness check fails.
+    drawn with ``seed`` from the sources ``params.negatives`` lists for that class (Kermany
+    train, the collection's own negatives, ``folders``: name -> resolved ``copy.folders``
+    folder), shared by :func:`share_equally`. Held-out: the held-out COVID rows, plus
+    ``params.heldout_*`` Kermany-train images from patient groups no training folder uses, plus
+    the collection's negatives dated in or after ``select.heldout_from`` where the collection is
+    a listed source; and all of Kermany test. Training images that would share a patient group
+    or a picture with an evaluation set, or a picture with an ``external`` folder
+    (``name: folder``), are left out (:func:`leave_out`; near-duplicate: pHash within
+    ``max_distance`` bits, the audit's ``audit.phash_max_distance``). Raises
+    :class:`PipelineError` if the pools are too small or a disjointness check fails.
     """
     covid_dir, kermany_dir = raw_dir / "covid-chestxray-dataset", raw_dir / "chest_xray"
     groups: dict[str, list[Candidate]] = {
         "covid_heldout": covid_candidates(interim_dir / "covid_heldout.csv", covid_dir),
         "kermany_test_normal": kermany_candidates(kermany_dir, "test", "normal"),
         "kermany_test_pneumonia": kermany_candidates(kermany_dir, "test", "pneumonia"),
+    }
+    evaluation_pools = dict(EVALUATION_POOLS)
+    for label in FOLDER_LABELS:  # the collection's late negatives are held out, as COVID's are
+        if COLLECTION in params.sources(label):
+            name = f"{COLLECTION}_heldout_{label}"
+            groups[name] = covid_candidates(interim_dir / "negatives_heldout.csv", covid_dir,
+                                            label)
+            evaluation_pools[name] = "heldout"
+    groups.update({
         "covid_train": covid_candidates(interim_dir / "covid_selected.csv", covid_dir),
         "kermany_train_normal": kermany_candidates(kermany_dir, "train", "normal"),
         "kermany_train_pneumonia": kermany_candidates(kermany_dir, "train", "pneumonia"),
-    }
+    })
+    training_pools = list(TRAINING_POOLS)
+    for label in FOLDER_LABELS:
+        for source in params.sources(label):
+            if source == KERMANY:
+                continue
+            name = negative_pool(source, label)
+            groups[name] = negative_candidates(source, label, interim_dir, covid_dir,
+                                               folders or {})
+            training_pools.append(name)
     heldout_sizes = {"normal": params.heldout_normal, "pneumonia": params.heldout_pneumonia}
     for label, size in heldout_sizes.items():  # cheap check before decoding thousands of files
         files = len(groups[f"kermany_train_{label}"])
@@ -502,7 +611,8 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
     skipped.sort(key=lambda s: s.source.as_posix())
     usable = {name: len(pool) for name, pool in pools.items()}
     training, excluded = leave_out(pools, decoded.values(), max_distance,
-                                   external_fingerprints(external or {}), raw_dir)
+                                   external_fingerprints(external or {}), raw_dir,
+                                   evaluation_pools, training_pools)
     pools.update(training)
     excluded.sort(key=lambda s: s.source.as_posix())
 
@@ -537,18 +647,24 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
                 f"test folder are there; lower {key} or use a larger data set (demo: raise "
                 "data.demo.kermany_train)", skipped, raw_dir, excluded)
         held, used = draw_heldout(pool, size, seed, f"heldout/{label}")
-        remaining = [i for i in pool if i.patient_group not in used]
-        if len(remaining) < wanted:
+        plan[("heldout", label)] = held + pools.get(f"{COLLECTION}_heldout_{label}", [])
+        # no training image from a held-out group, whatever its source (a folder's copy of a
+        # held-out Kermany picture is in that picture's group)
+        available = {source: [i for i in (pool if source == KERMANY
+                                          else pools[negative_pool(source, label)])
+                              if i.patient_group not in used]
+                     for source in params.sources(label)}
+        quotas = share_equally(wanted, {s: len(images) for s, images in available.items()})
+        if sum(quotas.values()) < wanted:
             raise DatasetBuildError(
-                f"{kermany_dir / 'train' / KERMANY_CLASSES[label]}: {model} needs {wanted} "
-                f"{label} images to balance its {wanted} COVID training images, but only "
-                f"{len(remaining)} readable, unique images remain after holding out {key}={size} "
-                f"images ({len(used)} patients) of {len(pool)} not shared with the test folder; "
-                f"lower {key} or use a larger Kermany data set (demo: raise "
-                "data.demo.kermany_train)", skipped, raw_dir, excluded)
-        plan[("heldout", label)] = held
-        plan[(model, label)] = draw_images(remaining, wanted, seed, f"train/{model}/{label}")
-        clear.extend(remaining)
+                _too_few_negatives(model, label, wanted, available, kermany_dir, key, size,
+                                   len(used), len(pool)), skipped, raw_dir, excluded)
+        plan[(model, label)] = [
+            image for source, images in available.items()
+            for image in draw_images(images, quotas[source], seed,
+                                     f"train/{model}/{label}" if source == KERMANY
+                                     else f"train/{model}/{label}/{source}")]
+        clear.extend(i for i in pool if i.patient_group not in used)  # the pretrain's pool
 
     links: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
@@ -562,7 +678,7 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
                      "patient_id": image.patient_id, "sha256": image.sha256,
                      "source": _rel(image.source, raw_dir), "width": image.width,
                      "height": image.height, "format": image.format,
-                     "patient_group": image.patient_group})
+                     "patient_group": image.patient_group, "origin": image.origin})
     manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).sort_values("path",
                                                                                 ignore_index=True)
     check_disjoint(manifest)
@@ -574,7 +690,69 @@ def build_datasets(raw_dir: Path, interim_dir: Path, out_dir: Path, seed: int,
         (_rel(i.source, raw_dir), i.label, i.patient_id, i.patient_group, i.sha256)
         for i in clear))
     report = _report(manifest, skipped, excluded, links, usable, decoded.values(), seed)
+    report["negative_sources"] = negative_source_counts(plan)
     return DatasetBuild(manifest, skipped, links, report, excluded)
+
+
+def negative_pool(source: str, label: str) -> str:
+    """The pool name of a non-Kermany negative source's training images of ``label``."""
+    return f"{source}_train_{label}"
+
+
+def negative_candidates(source: str, label: str, interim_dir: Path, covid_dir: Path,
+                        folders: dict[str, Path]) -> list[Candidate]:
+    """Training candidates of negative class ``label`` from ``covid_collection`` (select_metadata's
+    ``negatives_selected.csv``) or a ``copy.folders`` entry; an empty source is an error."""
+    if source == COLLECTION:
+        table = interim_dir / "negatives_selected.csv"
+        found = covid_candidates(table, covid_dir, label)
+        where = (f"{table}: no {label} rows (the collection's non-COVID X-rays passing "
+                 "select.modalities/views and the finding mapping)")
+    else:
+        if source not in folders:
+            raise PipelineError(f"params.yaml `copy.negatives.{label}` lists {source}, which "
+                                "is not under `copy.folders`")
+        folder = folders[source]
+        if not folder.is_dir():
+            raise PipelineError(f"params.yaml `copy.folders.{source}`: folder {folder} not "
+                                f"found; create it with normal/ or pneumonia/ subfolders of "
+                                "images, or remove the entry")
+        found = folder_candidates(source, folder, label)
+        where = f"{folder / label}: no image files there"
+    if not found:
+        raise PipelineError(f"{where}; `copy.negatives.{label}` lists {source}: remove it from "
+                            "that list or add images")
+    return found
+
+
+def _too_few_negatives(model: str, label: str, wanted: int,
+                       available: dict[str, list[ImageRecord]], kermany_dir: Path, key: str,
+                       size: int, used: int, pool: int) -> str:
+    """Why the negatives cannot balance the COVID images, naming what to change."""
+    if list(available) == [KERMANY]:
+        return (f"{kermany_dir / 'train' / KERMANY_CLASSES[label]}: {model} needs {wanted} "
+                f"{label} images to balance its {wanted} COVID training images, but only "
+                f"{len(available[KERMANY])} readable, unique images remain after holding out "
+                f"{key}={size} images ({used} patients) of {pool} not shared with the test "
+                f"folder; lower {key} or use a larger Kermany data set (demo: raise "
+                "data.demo.kermany_train)")
+    counts = ", ".join(f"{source} {len(images)}" for source, images in available.items())
+    return (f"{model} needs {wanted} {label} images to balance its {wanted} COVID training "
+            f"images, but the sources in copy.negatives.{label} have only {counts} usable images "
+            f"(after holding out {key}={size} Kermany images); add a source, or cap the COVID "
+            "images with copy.max_per_class")
+
+
+def negative_source_counts(plan: dict[tuple[str, str], list[ImageRecord]]
+                           ) -> dict[str, dict[str, int]]:
+    """Negative images per source in each training set and held-out class (the metric)."""
+    counts: dict[str, dict[str, int]] = {}
+    for (set_name, label), images in sorted(plan.items()):
+        if label == POSITIVE_CLASS or set_name not in (*MODEL_NAMES, "heldout"):
+            continue
+        key = set_name if set_name in MODEL_NAMES else f"heldout_{label}"
+        counts[key] = dict(sorted(Counter(i.dataset for i in images).items()))
+    return counts
 
 
 def _report(manifest: pd.DataFrame, skipped: list[Skip], excluded: list[Skip],

@@ -9,7 +9,11 @@ writes the two real layouts with their quirks:
   (CT, lateral, AP and AP Supine views, other findings), 1-3 images per patient, dates in the
   file's mixed formats (``2020``, ``Mar 4, 2020``, ``March 10, 2020``, ``2/29/2020``,
   ``January 12``, empty) with about 14% of the selectable COVID PA X-rays dated March 2020 or
-  later, and a few rows whose image file is missing.
+  later, and a few rows whose image file is missing. Like the real file, it also holds the
+  collection's own non-COVID PA X-rays (``No Finding`` and other pneumonias,
+  ``collection_negatives`` patients, from the same sites as the COVID images), and every row's
+  ``url`` names one of a few sites (:data:`DEMO_SITES`): the origins cross-source validation
+  holds out.
 - ``chest_xray/{train,test}/{NORMAL,PNEUMONIA}/`` with Kermany's file names
   (``IM-0115-0001.jpeg``, ``NORMAL2-IM-0500-0001.jpeg``, ``person1000_bacteria_2931.jpeg``), several
   images for some pneumonia patients, train and test from different patients.
@@ -45,8 +49,11 @@ from tqdm import tqdm
 
 from covid_xray.params import DemoParams
 
-GENERATOR_VERSION = 1
-"""Bumped whenever the generator's output changes for the same seed."""
+GENERATOR_VERSION = 2
+"""Bumped whenever the generator's output changes for the same seed (2: site urls and the
+collection's negatives added; every image of version 1 is unchanged)."""
+STREAM_VERSION = 1
+"""Part of every random stream's seed: bumping it changes every image."""
 
 METADATA_COLUMNS: tuple[str, ...] = (
     "patientid", "offset", "sex", "age", "finding", "RT_PCR_positive", "survival", "intubated",
@@ -69,6 +76,23 @@ OTHER_FINDINGS: tuple[tuple[str, str], ...] = (
     ("todo", "normal"),
     ("Unknown", "pneumonia"),
 )
+COLLECTION_NEGATIVE_FINDINGS: tuple[tuple[str, str], ...] = (
+    # the collection's own negatives (data.demo.collection_negatives patients), in turn
+    ("No Finding", "normal"),
+    ("Pneumonia/Bacterial/Streptococcus", "pneumonia"),
+    ("No Finding", "normal"),
+    ("Pneumonia/Bacterial/Klebsiella", "pneumonia"),
+    ("No Finding", "normal"),
+    ("Pneumonia", "pneumonia"),
+    ("No Finding", "normal"),
+    ("Pneumonia/Fungal/Pneumocystis", "covid"),  # looks like COVID-19: a hard negative
+)
+NEGATIVE_NOTES = ("Consolidation in one lobe, compared with the prior film.",
+                  "No acute cardiopulmonary abnormality.")
+DEMO_SITES: tuple[str, ...] = ("radiology-cases.example.org", "case-reports.example.org",
+                               "society.example.org", "journal-a.example.org",
+                               "journal-b.example.org")
+"""Where the demo's rows were "published" (``url``), by patient id: the origins."""
 
 WORK_SIDE = 128
 """Longest side at which anatomy and disease are drawn before scaling to the output size."""
@@ -77,11 +101,12 @@ HELDOUT_SHARE = 0.14
 """Share of COVID patients whose X-rays are all dated March 2020 or later (the seed's hold-out)."""
 
 _STREAM_PLAN, _STREAM_COVID, _STREAM_KERMANY, _STREAM_EXTERNAL = 1, 2, 3, 4
+_STREAM_NEGATIVES, _STREAM_FOLDER = 5, 6
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
     """An independent generator per item, so output does not depend on generation order."""
-    return np.random.default_rng(np.random.SeedSequence([seed, GENERATOR_VERSION, *keys]))
+    return np.random.default_rng(np.random.SeedSequence([seed, STREAM_VERSION, *keys]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,6 +164,9 @@ class Style:
 
 
 TRAIN_STYLE = Style()
+FOLDER_STYLE = Style(gamma=(1.1, 1.5), mean=(0.46, 0.58), std=(0.14, 0.2), noise=(0.012, 0.03),
+                     blur=(0.001, 0.003), zoom=(1.02, 1.12), background=(0.03, 0.12))
+"""A third site (:func:`generate_folder`: labelled folders of adult negatives)."""
 EXTERNAL_STYLE = Style(gamma=(1.6, 2.1), mean=(0.52, 0.62), std=(0.13, 0.18), noise=(0.03, 0.045),
                        blur=(0.004, 0.007), zoom=(1.22, 1.36), background=(0.08, 0.16),
                        collimation=0.06, offset_y=0.06)
@@ -496,7 +524,7 @@ def _row_values(patient: int, offset: str, finding: str, view: str, modality: st
         "view": view, "modality": modality, "date": day_text, "location": location,
         "folder": folder, "filename": filename,
         "doi": f"10.{int(rng.integers(1000, 9999))}/demo.{patient}" if rng.random() < 0.6 else "",
-        "url": f"https://example.org/demo-case/{patient}",
+        "url": f"https://{DEMO_SITES[patient % len(DEMO_SITES)]}/case/{patient}",
         "license": str(rng.choice(_LICENSES)), "clinical_notes": str(rng.choice(_NOTES)),
         "other_notes": "Synthetic demo case (covid-xray)" if rng.random() < 0.3 else "",
     })
@@ -602,6 +630,44 @@ def plan_covid_rows(params: DemoParams, seed: int) -> list[CovidRow]:
     # Image sizes, drawn from the one distribution all classes share.
     for row in rows:
         row.size = image_size(rng, params.max_side)
+    first_id = 2 + (n_covid + n_other) * 3  # beyond every id drawn above
+    return rows + plan_collection_negatives(params, seed, first_id)
+
+
+def plan_collection_negatives(params: DemoParams, seed: int, first_id: int) -> list[CovidRow]:
+    """The collection's own non-COVID PA X-rays: ``params.collection_negatives`` patients with
+    1-3 images, findings in turn from :data:`COLLECTION_NEGATIVE_FINDINGS`, dated 2004-2019
+    (about one patient in seven in March-April 2020: held out), from the COVID images' sites.
+
+    A stream of their own, appended after every other row: the rest of the demo is unchanged.
+    """
+    rng = _rng(seed, _STREAM_NEGATIVES)
+    rows: list[CovidRow] = []
+    ids = first_id + rng.permutation(params.collection_negatives * 3)[
+        : params.collection_negatives]
+    for index, patient in enumerate(int(i) for i in ids):
+        finding, pattern = COLLECTION_NEGATIVE_FINDINGS[index % len(COLLECTION_NEGATIVE_FINDINGS)]
+        late = rng.random() < 1 / 7
+        start = (date(2020, 3, 1) + timedelta(days=int(rng.integers(0, 50))) if late
+                 else date(int(rng.integers(2004, 2020)), int(rng.integers(1, 13)), 10))
+        date_style = "long" if late else str(rng.choice(["long", "year", "us"]))
+        demographics = (str(rng.choice(["M", "F"])), str(int(rng.integers(22, 90))),
+                        str(rng.choice(_LOCATIONS)))
+        severity_base = rng.uniform(0.15, 1.0) if pattern != "normal" else 0.0
+        key = int(rng.integers(0, 2**31))
+        for image in range(int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))):
+            fmt = "png" if rng.random() < 0.18 else "jpeg"
+            name = f"demo-negative-{patient}-{image + 1}.{'png' if fmt == 'png' else 'jpeg'}"
+            values = _row_values(patient, str(image * 2), finding, "PA", "X-ray",
+                                 format_date(start + timedelta(days=image * 2), date_style),
+                                 "images", name, rng, demographics)
+            values["clinical_notes"] = NEGATIVE_NOTES[finding == "No Finding"]
+            rows.append(CovidRow(
+                values=values,
+                pattern=pattern, kind="frontal",
+                severity=float(np.clip(severity_base * rng.uniform(0.75, 1.25), 0.0, 1.0)),
+                fmt=fmt, rgb=bool(rng.random() < 0.3), heldout=late, anatomy_key=key,
+                size=image_size(rng, params.max_side)))
     return rows
 
 
@@ -798,6 +864,8 @@ def demo_counts(rows: list[CovidRow], kermany: list[KermanyImage],
         "covid_missing_files": sum(1 for r in rows if r.missing),
         "covid_pa_xray_rows": len(selectable),
         "covid_pa_xray_from_2020_03": sum(1 for r in selectable if r.heldout),
+        "collection_negative_rows": sum(1 for r in rows
+                                        if r.values["filename"].startswith("demo-negative-")),
         "kermany": kermany_counts,
         "kermany_images": len(kermany),
         "external": external,
@@ -805,3 +873,19 @@ def demo_counts(rows: list[CovidRow], kermany: list[KermanyImage],
         "plant_artifact": params.plant_artifact,
         "generator_version": GENERATOR_VERSION,
     }
+
+
+def generate_folder(target: Path, counts: dict[str, int], seed: int, max_side: int = 320) -> dict:
+    """A labelled folder of negatives from a third site (``<target>/<label>/site3-<k>.png``):
+    what ``copy.folders`` reads (tests and benchmarks on the demo; real adult sets take its
+    place). ``counts``: images per label (``normal``, ``pneumonia``); one patient per image."""
+    for offset, (label, count) in enumerate(sorted(counts.items())):
+        for index in range(count):
+            rng = _rng(seed, _STREAM_FOLDER, offset, index)
+            h, w = image_size(rng, max_side)
+            severity = rng.uniform(0.25, 1.0) if label == "pneumonia" else 0.0
+            gray = render_chest(rng, h, w, Anatomy.draw(rng), label, severity,
+                                style=FOLDER_STYLE)
+            _write(Path(target) / label / f"site3-{index:04d}.png", encode_image(gray, "png",
+                                                                                 False))
+    return dict(counts)

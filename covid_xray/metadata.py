@@ -7,6 +7,14 @@ column appeared, ``finding`` went from flat (``COVID-19``, ``COVID-19, ARDS``) t
 silently selects nothing on today's file, so every filter here is normalised, every dropped row is
 listed with its reason, and a filter that removes everything stops the stage with a message that
 says which one.
+
+The collection's own non-COVID X-rays (same modality and view filters) are selected too, as
+*same-source negatives*: ``No Finding`` rows as ``normal``, infectious non-COVID pneumonias as
+``pneumonia`` (:func:`negative_label`). They come from the same papers and websites as the COVID
+images, so a model trained against them cannot separate the classes by source alone. copy_images
+uses them only where ``copy.negatives`` lists ``covid_collection``. Every row also gets an
+``origin`` (:func:`origin_of`: the url's domain, else the doi's registrant), the unit that
+cross-source validation holds out.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pandas as pd
 
@@ -30,8 +39,12 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("patientid", "finding", "view", "modality",
 """Columns every published schema has (after :func:`normalise_column`); ``folder`` is optional."""
 
 OUTPUT_COLUMNS: tuple[str, ...] = ("patient_id", "filename", "image_path", "finding", "view",
-                                   "modality", "date", "date_raw")
+                                   "modality", "date", "date_raw", "origin")
 """Columns of ``covid_selected.csv`` / ``covid_heldout.csv`` (docs/contracts.md)."""
+NEGATIVE_COLUMNS: tuple[str, ...] = (*OUTPUT_COLUMNS, "label")
+"""Columns of ``negatives_selected.csv`` / ``negatives_heldout.csv``: ``label`` normal|pneumonia."""
+NEGATIVE_LABELS: tuple[str, ...] = ("normal", "pneumonia")
+UNKNOWN_ORIGIN = "unknown"
 
 DROP_REASONS: tuple[str, ...] = ("modality", "view", "finding", "no_filename", "bad_path",
                                  "duplicate", "missing_file")
@@ -148,6 +161,61 @@ def finding_matches(value: str, wanted: Iterable[str]) -> bool:
         if len(segments) > 1 and any(p == prefix or p.startswith(prefix + "/") for p in paths):
             return True
     return False
+
+
+PNEUMONIA_BRANCHES: tuple[str, ...] = ("pneumonia/bacterial", "pneumonia/viral",
+                                       "pneumonia/fungal")
+"""Hierarchical findings under these paths are infectious pneumonias (any leaf but COVID-19)."""
+PNEUMONIA_LEAVES: frozenset[str] = frozenset({
+    # the flat labels of the June 2020 file and the leaves of the hierarchical one
+    "pneumonia", "bacterial", "viral", "fungal", "streptococcus", "staphylococcus", "mrsa",
+    "klebsiella", "legionella", "mycoplasma", "mycoplasmabacterialpneumonia", "chlamydophila",
+    "ecoli", "nocardia", "pneumocystis", "aspergillosis", "sars", "mers", "merscov", "influenza",
+    "h1n1", "varicella", "herpes"})
+"""Flat findings that are infectious non-COVID pneumonias. Not here, so never a negative:
+``Lipoid`` (lipoid pneumonia is not an infection), ``Aspiration``, ``ARDS`` (a syndrome),
+``Tuberculosis``, ``todo``, ``Unknown`` and COVID-19 itself."""
+
+
+def _is_pneumonia(path: str) -> bool:
+    if path.rsplit("/", 1)[-1] == "covid19":
+        return False
+    if any(path == branch or path.startswith(branch + "/") for branch in PNEUMONIA_BRANCHES):
+        return True
+    return path == "pneumonia" or ("/" not in path and path in PNEUMONIA_LEAVES)
+
+
+def negative_label(value: str) -> str | None:
+    """The negative class a ``finding`` cell stands for: ``normal``, ``pneumonia`` or None.
+
+    ``No Finding`` (alone) is ``normal``; a cell is ``pneumonia`` when every label in it is an
+    infectious non-COVID pneumonia (``Streptococcus``, ``Pneumonia/Fungal/Pneumocystis``,
+    ``SARS``, ``Pneumonia``...). Anything else (``Lipoid``, ``ARDS``, ``todo``, a COVID-19 label,
+    a mix with a non-pneumonia label) is None: not a negative of either model.
+    """
+    _, paths = finding_labels(value)
+    if not paths:
+        return None
+    if paths == {"nofinding"}:
+        return "normal"
+    return "pneumonia" if all(_is_pneumonia(path) for path in paths) else None
+
+
+def origin_of(url: str, doi: str = "") -> str:
+    """Where a row was published: the url's domain without ``www.`` (``radiopaedia.org``), else
+    ``doi:<registrant>`` (``doi:10.1148``, the publisher part of the doi), else ``unknown``."""
+    first = str(url).strip().split()[0] if str(url).strip() else ""
+    if first:
+        try:
+            host = urlsplit(first if "://" in first else f"//{first}").hostname or ""
+        except ValueError:
+            host = ""
+        host = host.lower().removeprefix("www.")
+        if "." in host:
+            return host
+    if match := re.match(r"\s*(?:https?://(?:dx\.)?doi\.org/)?(10\.\d{4,9})/", str(doi)):
+        return f"doi:{match[1]}"
+    return UNKNOWN_ORIGIN
 
 
 # ----------------------------------------------------------------------------------------- dates
@@ -269,19 +337,30 @@ def on_or_after(date: ParsedDate, cutoff: str) -> bool | None:
 # ------------------------------------------------------------------------------------- selection
 @dataclass
 class Selection:
-    """The outcome of :func:`select_covid`: the three tables and the report behind the metric."""
+    """The outcome of :func:`select_covid`: the tables and the report behind the metric."""
 
     selected: pd.DataFrame
     heldout: pd.DataFrame
     dropped: pd.DataFrame
     report: dict[str, Any] = field(default_factory=dict)
+    negatives: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=list(NEGATIVE_COLUMNS)))
+    """The collection's non-COVID rows for training (``label`` normal / pneumonia)."""
+    negatives_heldout: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=list(NEGATIVE_COLUMNS)))
+    """...and those dated in or after ``select.heldout_from`` (held out, like COVID rows)."""
 
     def summary(self) -> str:
         r = self.report
         dropped = ", ".join(f"{k} {v}" for k, v in r["dropped"].items() if v) or "none"
+        negatives = r.get("negatives", {})
+        same_source = "; ".join(
+            f"{part} " + "/".join(f"{n} {label}" for label, n in counts.items())
+            for part, counts in negatives.items())
         return (f"{r['rows_in']} metadata rows ({r['schema']['name']}): {r['rows_selected']} "
                 f"training + {r['rows_heldout']} held-out (dated >= {r['heldout_from']}) images "
                 f"of {r['patients']['selected']} + {r['patients']['heldout']} patients; "
+                f"same-source negatives: {same_source or 'none'}; "
                 f"dropped {r['dropped_total']} ({dropped}); undatable kept in training: "
                 f"{r['undatable']}")
 
@@ -307,7 +386,10 @@ def select_covid(csv_path: Path, params: SelectParams) -> Selection:
     Rows then need a safe, unique, existing image file; survivors dated in or after
     ``params.heldout_from`` are held out, the rest (undatable included, counted) are for
     training. Every other row goes to ``dropped`` with the first filter it failed. Raises
-    :class:`PipelineError` naming the filter when one removes every remaining row.
+    :class:`PipelineError` naming the filter when one removes every remaining row. Rows of the
+    same modality and view whose finding is a negative class (:func:`negative_label`) go through
+    the same file checks and date rule into ``negatives`` / ``negatives_heldout`` instead (never
+    an error when there are none).
     """
     frame, schema = read_metadata(csv_path)
     dataset_dir = csv_path.parent
@@ -338,6 +420,10 @@ def select_covid(csv_path: Path, params: SelectParams) -> Selection:
     apply(frame["finding"].map(lambda v: finding_matches(v, params.findings)), "finding",
           f"finding {' or '.join(params.findings)}", "finding",
           "Check select.findings (matched on the last '/' segment, case-insensitively).")
+    # same modality and view, a negative finding: the collection's own negatives
+    labels = frame["finding"].map(negative_label)
+    negative = (reason == "finding") & labels.notna()
+    reason[negative] = "negative"  # set aside while the COVID rows are checked
     apply(frame["filename"].str.strip() != "", "no_filename", "a file name", "filename",
           "The filename column is empty for every candidate row.")
     image_paths = pd.Series([_safe_relative(f, n) for f, n in zip(folders, frame["filename"],
@@ -356,27 +442,18 @@ def select_covid(csv_path: Path, params: SelectParams) -> Selection:
             f"{csv_path}: none of the {int(alive.sum())} selected rows has its image file under "
             f"{dataset_dir} (e.g. {examples}); is the dataset fully downloaded/extracted?")
     reason[alive & ~exists] = "missing_file"
+    kept_negatives = _check_negative_files(reason, negative, frame["filename"], image_paths,
+                                           exists)
 
-    kept = frame[reason == ""]
-    dates = kept["date"].map(parse_date)
-    after = dates.map(lambda d: on_or_after(d, params.heldout_from))
-    table = pd.DataFrame({
-        "patient_id": [_patient_id(p, i) for p, i in zip(kept["patientid"], kept.index,
-                                                         strict=True)],
-        "filename": kept["filename"].str.strip(),
-        "image_path": image_paths[kept.index],
-        "finding": kept["finding"].str.strip(),
-        "view": kept["view"].str.strip(),
-        "modality": kept["modality"].str.strip(),
-        "date": dates.map(lambda d: d.iso),
-        "date_raw": kept["date"].str.strip(),
-    }, index=kept.index, columns=list(OUTPUT_COLUMNS))
-    heldout_mask = after.map(lambda v: v is True).astype(bool)
-    selected, heldout = table[~heldout_mask], table[heldout_mask]
+    origins = _origins(frame)
+    selected, heldout, undatable, precision = _by_date(
+        frame[(reason == "") & ~kept_negatives], image_paths, origins, params.heldout_from)
     if selected.empty:
         raise PipelineError(
             f"{csv_path}: 0 training rows: all {len(heldout)} selected images are dated in or "
             f"after select.heldout_from={params.heldout_from}; choose a later month.")
+    negatives, negatives_heldout, _, _ = _by_date(frame[kept_negatives], image_paths, origins,
+                                                  params.heldout_from, labels)
 
     dropped_rows = frame[reason != ""]
     dropped = pd.DataFrame({"row": dropped_rows.index.astype(int),
@@ -391,15 +468,81 @@ def select_covid(csv_path: Path, params: SelectParams) -> Selection:
         "dropped": per_reason,
         "dropped_total": int(sum(per_reason.values())),
         "missing_files": per_reason["missing_file"],
-        "undatable": int(after[~heldout_mask].isna().sum()),
-        "date_precision": dict(Counter(d.precision for d in dates)),
+        "undatable": undatable,
+        "date_precision": precision,
         "patients": {"selected": len(train_patients), "heldout": len(heldout_patients),
                      "both": len(train_patients & heldout_patients)},
         "heldout_from": params.heldout_from,
         "schema": schema.as_dict(),
+        "origins": int(pd.concat([selected["origin"], heldout["origin"]]).nunique()),
+        "negatives": {part: {label: int((table["label"] == label).sum())
+                             for label in NEGATIVE_LABELS}
+                      for part, table in (("selected", negatives),
+                                          ("heldout", negatives_heldout))},
     }
     return Selection(selected.reset_index(drop=True), heldout.reset_index(drop=True),
-                     dropped.reset_index(drop=True), report)
+                     dropped.reset_index(drop=True), report, negatives.reset_index(drop=True),
+                     negatives_heldout.reset_index(drop=True))
+
+
+def _check_negative_files(reason: pd.Series, negative: pd.Series, filenames: pd.Series,
+                          image_paths: pd.Series, exists: pd.Series) -> pd.Series:
+    """The same file checks for the negative rows (no error when none survive): a file name,
+    inside the dataset, not used by a selected COVID row or an earlier negative row, present.
+    Sets ``reason`` of every ``negative`` row ("" when kept: it is not dropped); returns the
+    rows kept."""
+    taken = set(image_paths[reason == ""])
+    kept = pd.Series(False, index=reason.index)
+    for row in reason.index[negative]:
+        path = image_paths[row]
+        if not filenames[row].strip():
+            reason[row] = "no_filename"
+        elif path is None:
+            reason[row] = "bad_path"
+        elif path in taken:
+            reason[row] = "duplicate"
+        elif not exists[row]:
+            reason[row] = "missing_file"
+        else:
+            reason[row] = ""
+            kept[row] = True
+        taken.add(path)
+    return kept
+
+
+def _origins(frame: pd.DataFrame) -> pd.Series:
+    """:func:`origin_of` per row (url and doi columns are optional)."""
+    empty = pd.Series("", index=frame.index)
+    urls = frame["url"] if "url" in frame.columns else empty
+    dois = frame["doi"] if "doi" in frame.columns else empty
+    return pd.Series([origin_of(u, d) for u, d in zip(urls, dois, strict=True)],
+                     index=frame.index, dtype=object)
+
+
+def _by_date(kept: pd.DataFrame, image_paths: pd.Series, origins: pd.Series, cutoff: str,
+             labels: pd.Series | None = None
+             ) -> tuple[pd.DataFrame, pd.DataFrame, int, dict[str, int]]:
+    """The output table of ``kept`` rows, split into (before ``cutoff`` or undatable, in or
+    after it); plus the undatable count and the date precisions."""
+    dates = kept["date"].map(parse_date)
+    after = dates.map(lambda d: on_or_after(d, cutoff))
+    columns = OUTPUT_COLUMNS if labels is None else NEGATIVE_COLUMNS
+    table = pd.DataFrame({
+        "patient_id": [_patient_id(p, i) for p, i in zip(kept["patientid"], kept.index,
+                                                         strict=True)],
+        "filename": kept["filename"].str.strip(),
+        "image_path": image_paths[kept.index],
+        "finding": kept["finding"].str.strip(),
+        "view": kept["view"].str.strip(),
+        "modality": kept["modality"].str.strip(),
+        "date": dates.map(lambda d: d.iso),
+        "date_raw": kept["date"].str.strip(),
+        "origin": origins[kept.index],
+        **({} if labels is None else {"label": labels[kept.index]}),
+    }, index=kept.index, columns=list(columns))
+    heldout_mask = after.map(lambda v: v is True).astype(bool)
+    return (table[~heldout_mask], table[heldout_mask], int(after[~heldout_mask].isna().sum()),
+            dict(Counter(d.precision for d in dates)))
 
 
 def _patient_id(raw: str, row: int) -> str:
@@ -411,9 +554,11 @@ def _patient_id(raw: str, row: int) -> str:
 
 
 def write_selection(selection: Selection, interim_dir: Path) -> None:
-    """Write the three tables of the contract into ``interim_dir`` (each atomically)."""
+    """Write the five tables of the contract into ``interim_dir`` (each atomically)."""
     for name, table in (("covid_selected.csv", selection.selected),
                         ("covid_heldout.csv", selection.heldout),
+                        ("negatives_selected.csv", selection.negatives),
+                        ("negatives_heldout.csv", selection.negatives_heldout),
                         ("dropped.csv", selection.dropped)):
         write_csv(interim_dir / name, list(table.columns),
                   list(table.itertuples(index=False, name=None)))

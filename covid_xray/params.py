@@ -99,6 +99,10 @@ class DemoParams(_Section):
         "synthetic NORMAL and PNEUMONIA images each in chest_xray/test"))
     max_side: Whole = Field(320, ge=32, le=4096, description=(
         "largest side of a synthetic image in pixels (real files are much larger)"))
+    collection_negatives: Whole = Field(24, ge=0, le=100_000, description=(
+        "patients with the COVID collection's own non-COVID PA X-rays (No Finding, other "
+        "pneumonias) from the same sites as its COVID images (`copy.negatives`: "
+        "covid_collection)"))
     plant_artifact: StrictBool = Field(False, description=(
         "burn a source marker into every COVID image (to see the shortcut probe fire)"))
 
@@ -162,6 +166,34 @@ class SelectParams(_Section):
         return value
 
 
+NEGATIVE_SOURCES: tuple[str, ...] = ("kermany", "covid_collection")
+"""Built-in sources of negative (normal / pneumonia) training images; any other name is an entry
+of ``copy.folders``."""
+RESERVED_NAMES: tuple[str, ...] = (*NEGATIVE_SOURCES, "unknown")
+"""Names a ``copy.folders`` entry may not take: they are sources or origins already."""
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+@dataclass(config=_CONFIG)
+class NegativesParams(_Section):
+    normal: tuple[str, ...] = Field(("kermany",), description=(
+        "sources of NORMAL training images: `kermany`, `covid_collection` (the COVID "
+        "collection's own `No Finding` rows) or a `copy.folders` name; the count balancing the "
+        "COVID images is shared equally among them (README, Negatives from several sources)"))
+    pneumonia: tuple[str, ...] = Field(("kermany",), description=(
+        "sources of PNEUMONIA training images: `kermany`, `covid_collection` (the collection's "
+        "non-COVID pneumonias) or a `copy.folders` name"))
+
+    @field_validator("normal", "pneumonia", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> tuple[str, ...]:
+        sources = _string_list(value)
+        twice = sorted({s for s in sources if sources.count(s) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} more than once, got {list(sources)!r}")
+        return sources
+
+
 @dataclass(config=_CONFIG)
 class CopyParams(_Section):
     heldout_normal: Whole = Field(20, ge=0, description=(
@@ -170,6 +202,46 @@ class CopyParams(_Section):
         "Kermany PNEUMONIA images held out for validation, never trained on"))
     max_per_class: Whole = Field(0, ge=0, description=(
         "cap on training images per class (0: all COVID images, negatives balanced to them)"))
+    folders: dict[str, str] = Field(default_factory=dict, description=(
+        "labelled folders of negatives, name: folder with normal/ and/or pneumonia/ subfolders "
+        "(the layout of `validate.external`); used where `copy.negatives` lists the name; never "
+        "an external set"))
+    negatives: NegativesParams = Field(default_factory=NegativesParams)
+
+    @field_validator("folders", mode="before")
+    @classmethod
+    def _folders_shape(cls, value: Any) -> dict[str, str]:
+        """Only the shape and the names: copy_images checks that the folders exist."""
+        value = value or {}
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items()):
+            raise ValueError(f"must map a name to a folder path (with normal/ or pneumonia/ "
+                             f"subfolders), got {value!r}")
+        for name in value:
+            if name in RESERVED_NAMES or not _FOLDER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"has the name {name!r}: use letters, digits, `_` or `-` (up to 64), not one "
+                    f"of {', '.join(RESERVED_NAMES)}")
+        return {name: folder.strip() for name, folder in value.items()}
+
+    @field_validator("negatives")
+    @classmethod
+    def _known_sources(cls, value: NegativesParams, info: ValidationInfo) -> NegativesParams:
+        folders = info.data.get("folders")
+        if folders is None:  # folders itself was refused: that error is reported
+            return value
+        known = [*NEGATIVE_SOURCES, *folders]
+        for label in ("normal", "pneumonia"):
+            unknown = [s for s in getattr(value, label) if s not in known]
+            if unknown:
+                raise ValueError(
+                    f"has unknown source(s) {', '.join(unknown)} in `{label}`; known: "
+                    f"{', '.join(known)} (add a folder under `copy.folders` first)")
+        return value
+
+    def sources(self, label: str) -> tuple[str, ...]:
+        """The sources of training images of negative class ``label`` (normal / pneumonia)."""
+        return tuple(getattr(self.negatives, label))
 
 
 @dataclass(config=_CONFIG)
@@ -400,6 +472,13 @@ class ProbeParams(_Section):
 
 
 @dataclass(config=_CONFIG)
+class CrossSourceParams(_Section):
+    min_images: Whole = Field(10, ge=1, le=1_000_000, description=(
+        "cross-source validation: an origin with at least this many images of a model's set is "
+        "a fold of its own; smaller origins are held out together as one fold"))
+
+
+@dataclass(config=_CONFIG)
 class PretrainParams(_Section):
     architecture: Backbone = Field("smallcnn", description=(
         "network the `pretrain` stage trains on Kermany NORMAL vs PNEUMONIA, and the "
@@ -456,12 +535,30 @@ class Params:
     validate: ValidateParams = Field(default_factory=ValidateParams)
     audit: AuditParams = Field(default_factory=AuditParams)
     probe: ProbeParams = Field(default_factory=ProbeParams)
+    cross_source: CrossSourceParams = Field(default_factory=CrossSourceParams)
     pretrain: PretrainParams = Field(default_factory=PretrainParams)
 
     @property
     def seed(self) -> int:
         """``base.seed``: the data-side seed."""
         return self.base.seed
+
+    @model_validator(mode="after")
+    def _training_never_external(self, info: ValidationInfo) -> Params:
+        """A folder trained on can never also be an external test set (same folder or one
+        inside the other). Same pictures under other paths: copy_images leaves them out and the
+        audit checks."""
+        root = _root(info)
+        for name, folder in self.copy.folders.items():
+            mine = resolve_path(folder, root).resolve()
+            for other, external in self.validate.external.items():
+                theirs = resolve_path(external, root).resolve()
+                if mine == theirs or mine in theirs.parents or theirs in mine.parents:
+                    raise ValueError(
+                        f"`copy.folders.{name}` ({folder}) and `validate.external.{other}` "
+                        f"({external}) are the same folder or one holds the other: a set used "
+                        "for training can never be an external test set; remove one of them")
+        return self
 
     @property
     def uses_pretrain(self) -> bool:
@@ -549,7 +646,7 @@ def _problem(error: Mapping[str, Any]) -> str:
         text = f"must be one of {error.get('ctx', {}).get('expected')}; got {value!r}"
     else:
         text = f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {value!r}"
-    return f"`{'.'.join(loc)}` {text}"
+    return f"`{'.'.join(loc)}` {text}" if loc else text
 
 
 def parse_params(raw: Any, source: str = "params.yaml", root: Path | None = None) -> Params:

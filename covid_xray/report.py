@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ class RunMetrics:
     validate: dict[str, Any]
     models: dict[str, dict[str, Any]]
     source: dict[str, Any]
+    cross_source: dict[str, Any] = field(default_factory=dict)
+    cross_source_folds: list[dict[str, Any]] = field(default_factory=list)
+    """reports/cross_source/folds.csv as records ("" where a metric is undefined)."""
 
     @classmethod
     def load(cls, paths: Paths) -> RunMetrics:
@@ -69,7 +72,15 @@ class RunMetrics:
             probe=read(paths.details("probe")), evaluate=read(paths.details("evaluate")),
             validate=read(paths.details("validate")),
             models={name: read(paths.models / f"{name}.json") for name in MODEL_NAMES},
-            source=read(paths.raw / "SOURCE.json", required=False))
+            source=read(paths.raw / "SOURCE.json", required=False),
+            cross_source=read(m / "cross_source.json", required=False),
+            cross_source_folds=_records(paths.reports / "cross_source" / "folds.csv"))
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -191,6 +202,7 @@ def data_lines(run: RunMetrics) -> list[str]:
                      f"({splits}), patients on both sides of the split: "
                      f"{run.split.get(model, {}).get('patient_overlap', 'n/a')}.")
     skipped = c.get("skipped", {}).get("total", 0) if isinstance(c.get("skipped"), dict) else 0
+    lines += negative_source_lines(c)
     lines.append(f"- Unreadable or duplicate files skipped (listed in data/datasets/skipped.csv): "
                  f"{skipped}.")
     lines += disjoint_lines(c)
@@ -199,6 +211,78 @@ def data_lines(run: RunMetrics) -> list[str]:
         lines.append(f"- Held-out or external images without cached features, left out of "
                      f"validation (listed in reports/validate/skipped.csv): {unscored}.")
     return lines
+
+
+def negative_source_lines(copy_images: dict[str, Any]) -> list[str]:
+    """Where the negatives came from (``copy.negatives``): images per source, per training set
+    and held-out class."""
+    sources = copy_images.get("negative_sources")
+    if not isinstance(sources, dict) or not sources:
+        return []
+    parts = [f"{key}: " + ", ".join(f"{name} {n}" for name, n in counts.items())
+             for key, counts in sources.items()]
+    return [f"- Negatives by source (`copy.negatives`; `covid_collection`: the COVID collection's "
+            f"own non-COVID X-rays, from the same papers and websites): {'; '.join(parts)}."]
+
+
+NEGATIVE_SOURCE_NAMES = {
+    "kermany": "Kermany et al. chest_xray (paediatric, one hospital)",
+    "covid_collection": "the ieee8023 collection's own non-COVID X-rays (same papers and websites "
+                        "as its COVID images)"}
+
+
+def negative_sources_text(run: RunMetrics, model: str) -> str:
+    """Where a model's negatives came from, with counts (Kermany only in the seed's setup)."""
+    counts = run.copy_images.get("negative_sources", {}).get(model) or {"kermany": None}
+    return "; ".join(f"{NEGATIVE_SOURCE_NAMES.get(name, f'folder `{name}`')}"
+                     + ("" if n is None else f" ({n})") for name, n in counts.items())
+
+
+def _cell(row: dict[str, Any], name: str) -> str:
+    value = row.get(name, "")
+    if value in ("", None):
+        return "n/a"
+    low, high = row.get(f"{name}_ci_low", ""), row.get(f"{name}_ci_high", "")
+    ci = f" [{float(low):.2f}, {float(high):.2f}]" if low not in ("", None) and high not in (
+        "", None) else ""
+    return f"{float(value):.3f}{ci}"
+
+
+def cross_source_lines(run: RunMetrics) -> list[str]:
+    """The cross-source section: per model every held-out origin and the pooled AUC."""
+    if not run.cross_source:
+        return ["- Cross-source validation did not run."]
+    out = ["Each model retrained (same recipe, cached features) without one origin of the "
+           "training collections at a time (a website or journal of the COVID collection, "
+           "`kermany`, a `copy.folders` set) and scored on that origin only: no external set is "
+           "read. An origin holding both COVID and negative images gives a *within-origin* ROC "
+           "AUC, with no source cue to exploit; an origin with one class gives the sensitivity "
+           "or specificity at the threshold chosen on the other origins. The pooled AUC scores "
+           "every image with a model that never saw its origin. A fold is skipped when the "
+           "other origins hold no image of one class (single-source negatives cannot be "
+           "checked this way).", ""]
+    for model in MODEL_NAMES:
+        summary = run.cross_source.get(model)
+        if not summary:
+            continue
+        rows = [[r["fold"], f"{r['n']} ({r['n_covid']}/{r['n_negative']})",
+                 r["trained_on"] or "-", _cell(r, "roc_auc"), _cell(r, "sensitivity"),
+                 _cell(r, "specificity"), r["skipped"] or ""]
+                for r in run.cross_source_folds if r["model"] == model]
+        pooled = summary.get("pooled_roc_auc")
+        pooled_text = ("n/a (the scored images hold one class only)" if pooled is None else
+                       with_ci({"roc_auc": pooled,
+                                "roc_auc_ci_low": summary.get("pooled_roc_auc_ci_low"),
+                                "roc_auc_ci_high": summary.get("pooled_roc_auc_ci_high")},
+                               "roc_auc"))
+        out += [f"### {TITLES[model]}", "",
+                table(["held-out origin", "images (covid/neg)", "trained on", "roc_auc",
+                       "sensitivity", "specificity", "skipped"], rows), "",
+                f"Pooled out-of-source ROC AUC: {pooled_text} on "
+                f"{summary.get('images_scored', 0)} images; median within-origin AUC "
+                f"{fmt(summary.get('within_origin_auc_median'))} over "
+                f"{summary.get('within_origin_folds', 0)} origins with both classes.", ""]
+    return out
 
 
 def disjoint_lines(copy_images: dict[str, Any]) -> list[str]:
@@ -314,6 +398,7 @@ def render_report(run: RunMetrics, paths: Paths, figures: Sequence[str]) -> str:
                 "validation carve-out of the training patients; the seed used 0.5).", "",
                 results_table(run, model), "", "Held-out sets, as the seed reported them:", "",
                 heldout_table(run, model), ""]
+    out += ["## Cross-source validation", "", *cross_source_lines(run)]
     out += ["## Leakage audit", "", *audit_lines(run), ""]
     out += ["## Shortcut probe", "",
             "Can the classes be told apart without looking at disease? Cross-validated ROC AUC "
@@ -392,8 +477,8 @@ def render_model_card(run: RunMetrics, model: str) -> str:
            "",
            "## Training data and its known biases", "",
            f"- COVID-19 images: ieee8023 COVID-19 image data collection (PA X-rays); {negative} "
-           "images: Kermany et al. chest_xray (paediatric, one hospital), balanced to the COVID "
-           "count.", f"- Source of this run: `{run.source.get('source', 'unknown')}`.",
+           f"images, balanced to the COVID count: {negative_sources_text(run, model)}.",
+           f"- Source of this run: `{run.source.get('source', 'unknown')}`.",
            "- The two classes come from different populations and sources: the model may learn "
            "age, hospital or file format instead of disease.", "",
            "## Metrics", "", results_table(run, model), "",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,46 @@ def feature_batches(pooled: np.ndarray, is_covid: np.ndarray, batch_size: int,
     return data.batch(batch_size)
 
 
+@dataclass
+class FittedHead:
+    """A head fitted by :func:`fit_head`: the head, the same layers on pooled rows, the history
+    and the pooled training rows (for the out-of-distribution fit)."""
+
+    head: keras.Model
+    on_pooled: keras.Model
+    history: keras.callbacks.History
+    pooled: np.ndarray
+
+
+def fit_head(store: FeatureStore, train: SplitRows, val: SplitRows, params: Params,
+             callbacks: Sequence[keras.callbacks.Callback] = (), verbose: int = 0) -> FittedHead:
+    """The seed's recipe on cached features: a fresh head (Normalization statistics of the
+    training rows), seeded, fitted for ``train.epochs`` on the pooled training rows with the
+    ``val`` rows as validation data. The one fitting procedure: the train stage and
+    cross-source validation (:mod:`covid_xray.cross_source`) both call it."""
+    pool_size = params.model.pool_size
+    pooled = pooled_rows(store, train.rows, pool_size)
+    mean = pooled.astype(np.float64).mean(axis=0)
+    variance = pooled.astype(np.float64).var(axis=0)
+
+    keras.utils.set_random_seed(params.train.seed)
+    tf.config.experimental.enable_op_determinism()
+    head = build_head(store.feature_shape, pool_size, params.model.dense_nodes,
+                      params.train.dropout, mean=mean, variance=variance)
+    trainable = pooled_input_model(head)
+    trainable.compile(optimizer=keras.optimizers.Adam(learning_rate=params.train.init_lr),
+                      loss=LOSS, metrics=["accuracy"],
+                      steps_per_execution=STEPS_PER_EXECUTION)
+    train_batches = feature_batches(pooled, train.is_covid, params.train.batch_size,
+                                    shuffle_seed=params.train.seed)
+    val_batches = (feature_batches(pooled_rows(store, val.rows, pool_size), val.is_covid,
+                                   max(params.train.batch_size, 64)) if len(val) else None)
+    history = trainable.fit(train_batches, epochs=params.train.epochs,
+                            validation_data=val_batches, verbose=verbose, shuffle=False,
+                            callbacks=list(callbacks))
+    return FittedHead(head=head, on_pooled=trainable, history=history, pooled=pooled)
+
+
 def predict_cache(head: keras.Model, store: FeatureStore, positive_index: int,
                   chunk: int = 64) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Scores and Grad-CAM maps of the head for every original (un-rotated) cached image.
@@ -299,31 +340,13 @@ def train_model(model_name: str, paths: Paths, params: Params, verbose: int = 2)
     names = class_names(model_name)
     positive_index = names.index(POSITIVE_CLASS)
 
-    pool_size = params.model.pool_size
-    pooled = pooled_rows(store, train.rows, pool_size)
-    mean = pooled.astype(np.float64).mean(axis=0)
-    variance = pooled.astype(np.float64).var(axis=0)
-
-    keras.utils.set_random_seed(params.train.seed)
-    tf.config.experimental.enable_op_determinism()
-    head = build_head(store.feature_shape, pool_size, params.model.dense_nodes,
-                      params.train.dropout, mean=mean, variance=variance)
-    trainable = pooled_input_model(head)
-    trainable.compile(optimizer=keras.optimizers.Adam(learning_rate=params.train.init_lr),
-                      loss=LOSS, metrics=["accuracy"],
-                      steps_per_execution=STEPS_PER_EXECUTION)
-    train_batches = feature_batches(pooled, train.is_covid, params.train.batch_size,
-                                    shuffle_seed=params.train.seed)
-    val_batches = (feature_batches(pooled_rows(store, val.rows, pool_size), val.is_covid,
-                                   max(params.train.batch_size, 64)) if len(val) else None)
-
     seconds: dict[str, float] = {}
     with Live(str(paths.metrics / "train" / model_name), dvcyaml=False, save_dvc_exp=False,
               report=None) as live:
         started = time.perf_counter()
-        history = trainable.fit(train_batches, epochs=params.train.epochs,
-                                validation_data=val_batches, verbose=verbose, shuffle=False,
-                                callbacks=[DVCLiveCallback(live=live)])
+        fitted = fit_head(store, train, val, params, callbacks=[DVCLiveCallback(live=live)],
+                          verbose=verbose)
+        head, history, pooled = fitted.head, fitted.history, fitted.pooled
         seconds["fit"] = time.perf_counter() - started
         started = time.perf_counter()
         originals, scores, cams = predict_cache(head, store, positive_index)

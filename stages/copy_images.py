@@ -2,9 +2,11 @@
 
 Outputs: data/datasets/ (class folders, manifest.csv, skipped.csv, excluded.csv) and
 metrics/copy_images.json. Training images are kept clear of the held-out, Kermany test and
-``validate.external`` sets by the audit's own criterion (``audit.phash_max_distance``). When too
-few images are usable, data/datasets/ holds only skipped.csv and excluded.csv (every file left out
-and why) and the stage fails with a message pointing to them.
+``validate.external`` sets by the audit's own criterion (``audit.phash_max_distance``).
+Negatives come from the sources ``copy.negatives`` lists (Kermany, the collection's own non-COVID
+rows, ``copy.folders``), counted per source in the metric. When too few images are usable,
+data/datasets/ holds only skipped.csv and excluded.csv (every file left out and why) and the stage
+fails with a message pointing to them.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ def main() -> None:
         else:  # as the audit does: only folders that exist are compared
             log.info("external set %s: %s does not exist; training not checked against it",
                      name, location)
+    folders = {name: resolve_path(folder, paths.root)
+               for name, folder in params.copy.folders.items()}
     try:
         with atomic_dir(paths.datasets) as folder:
             build = build_datasets(paths.raw, paths.interim, folder, params.seed, params.copy,
                                    max_distance=params.audit.phash_max_distance,
-                                   external=external)
+                                   external=external, folders=folders)
     except DatasetBuildError as exc:
         with atomic_dir(paths.datasets) as folder:  # the old build is stale; DVC removes it too
             write_skipped(folder, exc.skipped, exc.raw_dir)

@@ -1,6 +1,8 @@
 """Stage select_metadata: metadata.csv -> training and held-out COVID rows, and why others went.
 
-Outputs: data/interim/{covid_selected,covid_heldout,dropped}.csv and metrics/selection.json.
+Outputs: data/interim/{covid_selected,covid_heldout}.csv (COVID rows),
+data/interim/{negatives_selected,negatives_heldout}.csv (the collection's own non-COVID X-rays),
+data/interim/dropped.csv and metrics/selection.json.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ FAST_PARAMS: dict[str, Any] = {
 # The docs/contracts.md column lists, spelled out here rather than imported from the package, so
 # that test projects written with them check the contract itself.
 MANIFEST_HEADER = ["path", "set", "label", "patient_id", "sha256", "source", "width", "height",
-                   "format", "patient_group"]
+                   "format", "patient_group", "origin"]
 SPLIT_HEADER = ["path", "label", "patient_id", "sha256", "split", "patient_group"]
 
 _SKIP = {".git", "data", "models", "metrics", "plots", "reports", "dvclive", ".pytest_cache",

@@ -71,7 +71,8 @@ class Tree:
         file = self.write_image(rel, image, quality)
         sha = hashlib.sha256(file.read_bytes()).hexdigest()
         self.manifest.append([rel, set_name, label, patient, sha, f"raw/{rel}",
-                              str(image.shape[1]), str(image.shape[0]), "jpeg", patient])
+                              str(image.shape[1]), str(image.shape[0]), "jpeg", patient,
+                              "unknown"])
         for model, part in (split or {}).items():
             self.splits[model].append([rel, label, patient, sha, part, patient])
         return file

@@ -23,13 +23,15 @@ from covid_xray.datasets import (
     Skip,
     build_datasets,
     check_disjoint,
+    folder_patient_id,
     inspect_file,
     kermany_patient_id,
     link_or_copy,
+    share_equally,
 )
 from covid_xray.errors import PipelineError
-from covid_xray.metadata import OUTPUT_COLUMNS
-from covid_xray.params import AuditParams, CopyParams
+from covid_xray.metadata import NEGATIVE_COLUMNS, OUTPUT_COLUMNS
+from covid_xray.params import AuditParams, CopyParams, NegativesParams
 
 
 # ------------------------------------------------------------------------------------ builders
@@ -108,13 +110,47 @@ def make_tree(root: Path, covid_train: int = 5, covid_heldout: int = 2, normals:
     return root
 
 
+def make_collection_negatives(root: Path, selected: dict[str, int], heldout: dict[str, int],
+                              first: int = 300) -> None:
+    """The collection's own negatives (``negatives_*.csv``): per label, that many patients with
+    one image each, origins ``site0.org`` / ``site1.org`` alternating."""
+    dataset = root / "data" / "raw" / "covid-chestxray-dataset"
+    patient = first
+    for name, counts in (("negatives_selected.csv", selected), ("negatives_heldout.csv", heldout)):
+        rows = []
+        for label, count in counts.items():
+            for _ in range(count):
+                filename = f"neg-{patient}.jpg"
+                put_image(dataset / "images" / filename)
+                rows.append({"patient_id": f"covid-{patient}", "filename": filename,
+                             "image_path": f"images/{filename}", "finding": label,
+                             "view": "PA", "modality": "X-ray", "date": "", "date_raw": "2019",
+                             "origin": f"site{patient % 2}.org", "label": label})
+                patient += 1
+        pd.DataFrame(rows, columns=list(NEGATIVE_COLUMNS)).to_csv(
+            root / "data" / "interim" / name, index=False)
+
+
+def make_folder(folder: Path, counts: dict[str, int]) -> Path:
+    """A labelled folder of adult negatives: ``<label>/img-<k>.png`` files."""
+    for label, count in counts.items():
+        for k in range(count):
+            put_image(folder / label / f"img-{k}.png", f"{folder.name}/{label}/{k}")
+    return folder
+
+
 def build(root: Path, seed: int = 42, normal: int = 4, pneumonia: int = 4,
-          out: str = "datasets", external: dict[str, Path] | None = None):
+          out: str = "datasets", external: dict[str, Path] | None = None,
+          negatives: dict[str, tuple[str, ...]] | None = None,
+          folders: dict[str, Path] | None = None):
     out_dir = root / "data" / out
     out_dir.mkdir(parents=True)
+    params = CopyParams(heldout_normal=normal, heldout_pneumonia=pneumonia,
+                        folders={name: str(path) for name, path in (folders or {}).items()},
+                        negatives=NegativesParams(**(negatives or {})))
     return build_datasets(root / "data" / "raw", root / "data" / "interim", out_dir, seed,
-                          CopyParams(heldout_normal=normal, heldout_pneumonia=pneumonia),
-                          max_distance=AuditParams().phash_max_distance, external=external)
+                          params, max_distance=AuditParams().phash_max_distance,
+                          external=external, folders=folders)
 
 
 # --------------------------------------------------------------------------------- patient ids
@@ -525,3 +561,148 @@ def test_a_source_without_external_set_is_skipped_not_an_error(tmp_path: Path) -
     empty.mkdir()
     with pytest.raises(PipelineError, match="has no images"):
         external_sets({"mine": str(empty)}, tmp_path)
+
+
+# ------------------------------------------------------------------ negatives from several sources
+@pytest.mark.parametrize(("wanted", "available", "quotas"), [
+    (10, {"kermany": 160}, {"kermany": 10}),
+    (170, {"kermany": 200, "covid_collection": 13}, {"kermany": 157, "covid_collection": 13}),
+    (208, {"covid_collection": 56, "kermany": 400}, {"covid_collection": 56, "kermany": 152}),
+    (10, {"a": 3, "b": 3, "c": 100}, {"a": 3, "b": 3, "c": 4}),
+    (7, {"a": 10, "b": 10}, {"a": 4, "b": 3}),
+    (30, {"a": 10, "b": 12}, {"a": 10, "b": 12}),  # not enough: all there is
+    (6, {"a": 0, "b": 9}, {"a": 0, "b": 6}),
+])
+def test_negatives_are_shared_equally_among_sources(wanted: int, available: dict[str, int],
+                                                    quotas: dict[str, int]) -> None:
+    assert share_equally(wanted, available) == quotas
+
+
+@pytest.mark.parametrize(("name", "relative", "patient"), [
+    ("adult", "00000013_005.png", "adult-00000013"),          # NIH ChestX-ray14
+    ("adult", "sub/00000013_006.png", "adult-00000013"),
+    ("adult", "person12_virus_3.jpeg", "adult-person12"),     # Kermany's patterns
+    ("adult", "a/scan 7.png", "adult-a/scan 7"),              # unknown: the file itself
+])
+def test_folder_files_get_a_patient_from_known_name_patterns(name: str, relative: str,
+                                                             patient: str) -> None:
+    assert folder_patient_id(name, Path(relative)) == patient
+
+
+def test_negatives_from_kermany_the_collection_and_a_folder(tmp_path: Path) -> None:
+    """10 COVID training images; normal from three sources (collection 2, folder 3, Kermany the
+    rest), pneumonia from the collection (6) and Kermany (4): equal shares, scarce sources first.
+    The collection's late negatives join the held-out set; every image keeps its origin."""
+    root = make_tree(tmp_path)
+    make_collection_negatives(root, {"normal": 2, "pneumonia": 6}, {"normal": 1, "pneumonia": 1})
+    adult = make_folder(tmp_path / "adult", {"normal": 3})
+    result = build(root, negatives={"normal": ("covid_collection", "adult", "kermany"),
+                                    "pneumonia": ("kermany", "covid_collection")},
+                   folders={"adult": adult})
+    manifest = result.manifest
+    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    assert result.report["negative_sources"] == {
+        "covid_normal": {"adult": 3, "covid_collection": 2, "kermany": 5},
+        "covid_pneumonia": {"covid_collection": 5, "kermany": 5},
+        "heldout_normal": {"covid_collection": 1, "kermany": 4},
+        "heldout_pneumonia": {"covid_collection": 1, "kermany": 4}}
+    assert result.report["images"]["covid_normal"] == {"covid": 10, "normal": 10}
+    assert result.report["images"]["covid_pneumonia"] == {"covid": 10, "pneumonia": 10}
+    origins = manifest.groupby(["set", "label"])["origin"].agg(lambda o: sorted(set(o)))
+    assert origins[("covid_normal", "normal")] == ["adult", "kermany", "site0.org", "site1.org"]
+    assert origins[("covid_normal", "covid")] == ["unknown"]  # make_covid writes no origin
+    assert origins[("kermany_test", "normal")] == ["kermany"]
+    adult_rows = manifest[manifest["origin"] == "adult"]
+    assert set(adult_rows["patient_id"]) == {"adult-normal/img-0", "adult-normal/img-1",
+                                             "adult-normal/img-2"}
+    assert set(adult_rows["source"]) == {str(adult / "normal" / f"img-{k}.png")
+                                         for k in range(3)}
+    check_disjoint(manifest)
+    # the default run draws Kermany exactly as before: same images for a kermany-only source
+    default = build(root, out="default")
+    for model, label in (("covid_normal", "normal"), ("covid_pneumonia", "pneumonia")):
+        seed_draw = default.manifest[(default.manifest["set"] == model)
+                                     & (default.manifest["label"] == label)]
+        assert default.report["negative_sources"][model] == {"kermany": 10}
+        assert len(seed_draw) == 10
+
+
+def test_every_source_is_grouped_and_kept_clear_of_evaluation_and_external(
+        tmp_path: Path) -> None:
+    """A collection negative of a held-out COVID patient, a folder image that is a COVID
+    training picture re-encoded, and a folder image that is an external-set file: all left
+    out, with their reasons; the audit's criterion covers every source."""
+    root = make_tree(tmp_path)
+    make_collection_negatives(root, {"normal": 3, "pneumonia": 0}, {})
+    interim = root / "data" / "interim" / "negatives_selected.csv"
+    table = pd.read_csv(interim, dtype=str, keep_default_na=False)
+    table.loc[0, "patient_id"] = "covid-1000"  # a held-out COVID patient's normal film
+    table.to_csv(interim, index=False)
+    adult = make_folder(tmp_path / "adult", {"normal": 8})
+    covid = root / "data" / "raw" / "covid-chestxray-dataset" / "images" / "covid-2-0.jpg"
+    pixels = cv2.imread(str(covid), cv2.IMREAD_GRAYSCALE)
+    ok, data = cv2.imencode(".jpeg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 70])
+    assert ok
+    (adult / "normal" / "img-0.png").unlink()
+    (adult / "normal" / "img-0.jpeg").write_bytes(data.tobytes())
+    external = tmp_path / "external"
+    (external / "normal").mkdir(parents=True)
+    shutil.copy(adult / "normal" / "img-1.png", external / "normal" / "x.png")
+    result = build(root, negatives={"normal": ("covid_collection", "adult")},
+                   folders={"adult": adult}, external={"ext": external})
+    excluded = pd.read_csv(root / "data" / "datasets" / "excluded.csv")
+    reasons = {row.source: row.reason.split(":", 1)[0] for row in excluded.itertuples()}
+    assert reasons["covid-chestxray-dataset/images/neg-300.jpg"] == "patient_in_heldout"
+    assert reasons[str(adult / "normal" / "img-0.jpeg")] == "conflicting_labels"
+    assert reasons[str(adult / "normal" / "img-1.png")] == "same_picture_as_external"
+    manifest = result.manifest
+    assert result.report["negative_sources"]["covid_normal"] == {"adult": 6,
+                                                                 "covid_collection": 2}
+    covid_2 = manifest[manifest["patient_id"] == "covid-2"]
+    assert covid_2.empty  # the picture is labelled COVID and normal: neither trains
+    # 8 COVID training images (covid-2's two left out): balanced by 2 + 6
+    assert result.report["images"]["covid_normal"] == {"covid": 8, "normal": 8}
+
+
+def test_a_folder_copy_of_a_held_out_kermany_picture_never_trains(tmp_path: Path) -> None:
+    """Every Kermany train NORMAL is held out (copy.heldout_normal=20); the adult folder holds a
+    re-encoded copy of one of them: same patient group, so it stays out of training."""
+    root = make_tree(tmp_path)
+    adult = make_folder(tmp_path / "adult", {"normal": 12})
+    kermany = root / "data" / "raw" / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg"
+    pixels = cv2.imread(str(kermany), cv2.IMREAD_GRAYSCALE)
+    ok, data = cv2.imencode(".jpeg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 70])
+    assert ok
+    copy = adult / "normal" / "copy-of-kermany.jpeg"
+    copy.write_bytes(data.tobytes())
+    result = build(root, normal=20, negatives={"normal": ("adult",)}, folders={"adult": adult})
+    manifest = result.manifest
+    held = manifest[(manifest["set"] == "heldout") & (manifest["label"] == "normal")]
+    assert "chest_xray/train/NORMAL/IM-0001-0001.jpeg" in set(held["source"])
+    training = manifest[manifest["set"] == "covid_normal"]
+    assert str(copy) not in set(training["source"])
+    assert result.report["negative_sources"]["covid_normal"] == {"adult": 10}
+    check_disjoint(manifest)
+
+
+def test_sources_that_cannot_balance_or_do_not_exist_say_what_to_change(tmp_path: Path) -> None:
+    root = make_tree(tmp_path)
+    make_collection_negatives(root, {"normal": 2, "pneumonia": 0}, {})
+    adult = make_folder(tmp_path / "adult", {"normal": 3})
+    with pytest.raises(PipelineError) as info:
+        build(root, negatives={"normal": ("covid_collection", "adult")},
+              folders={"adult": adult})
+    message = str(info.value)
+    assert ("covid_normal needs 10 normal images to balance its 10 COVID training images, but "
+            "the sources in copy.negatives.normal have only covid_collection 2, adult 3 usable "
+            "images") in message
+    assert "copy.max_per_class" in message
+    with pytest.raises(PipelineError, match=r"negatives_selected.csv: no pneumonia rows .* "
+                                            r"`copy.negatives.pneumonia` lists covid_collection"):
+        build(root, negatives={"pneumonia": ("covid_collection", "kermany")}, out="b")
+    with pytest.raises(PipelineError, match=r"`copy.folders.gone`: folder .*gone not found"):
+        build(root, negatives={"normal": ("gone", "kermany")}, out="c",
+              folders={"gone": tmp_path / "gone"})
+    with pytest.raises(PipelineError, match=r"adult/pneumonia: no image files there; "
+                                            r"`copy.negatives.pneumonia` lists adult"):
+        build(root, negatives={"pneumonia": ("adult",)}, out="d", folders={"adult": adult})

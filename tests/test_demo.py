@@ -20,7 +20,14 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from covid_xray.demo import COVID_FINDING, METADATA_COLUMNS, external_count, generate_demo
+from covid_xray.demo import (
+    COVID_FINDING,
+    DEMO_SITES,
+    METADATA_COLUMNS,
+    external_count,
+    generate_demo,
+    generate_folder,
+)
 from covid_xray.imaging import load_image, read_image_info, resize_square
 from covid_xray.params import DemoParams
 
@@ -93,6 +100,54 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
     assert digest == _tree_digest(second)
     assert counts_a == counts_b
     assert digest != _tree_digest(other)
+
+
+def test_collection_negatives_and_sites_leave_every_other_file_as_it_was(
+        tmp_path: Path) -> None:
+    """Version 2 added the collection's own negatives and site urls: the metadata changes, every
+    image of a demo without them stays byte-identical (committed demo metrics do not move)."""
+    without = _tree_digest(generate_demo_dir(tmp_path / "a", TINY, collection_negatives=0))
+    with_them = _tree_digest(generate_demo_dir(tmp_path / "b", TINY, collection_negatives=6))
+    changed = {k for k in without if without[k] != with_them.get(k)}
+    assert changed == {"covid-chestxray-dataset/metadata.csv"}
+    added = set(with_them) - set(without)
+    assert len(added) >= 6 and all("/images/demo-negative-" in f"/{k}" for k in added)
+
+
+def generate_demo_dir(root: Path, params: DemoParams, **changes: int) -> Path:
+    generate_demo(root, DemoParams(**{**params.__dict__, **changes}), seed=3, progress=False)
+    return root
+
+
+def test_collection_negatives_come_from_the_covid_images_sites(small: tuple[Path, dict]) -> None:
+    from covid_xray.metadata import negative_label, origin_of
+
+    root, counts = small
+    rows = _metadata(root)
+    assert {origin_of(r["url"], r["doi"]) for r in rows} == set(DEMO_SITES)
+    negatives = [r for r in rows if r["filename"].startswith("demo-negative-")]
+    assert len(negatives) == counts["collection_negative_rows"] > 0
+    assert {r["view"] for r in negatives} == {"PA"}
+    assert {negative_label(r["finding"]) for r in negatives} == {"normal", "pneumonia"}
+    covid_sites = {origin_of(r["url"]) for r in rows if _selectable(r)}
+    negative_sites = {origin_of(r["url"]) for r in negatives}
+    assert len(covid_sites & negative_sites) >= 3  # same-source negatives for several sites
+    base = root / "covid-chestxray-dataset"
+    assert all((base / r["folder"] / r["filename"]).is_file() for r in negatives)
+    ids = {r["patientid"] for r in negatives}
+    assert not ids & {r["patientid"] for r in rows if r not in negatives}
+
+
+def test_generated_folder_holds_decodable_chest_films_per_label(tmp_path: Path) -> None:
+    from covid_xray.imaging import decode_checked
+
+    generate_folder(tmp_path / "adult", {"normal": 3, "pneumonia": 2}, seed=1, max_side=96)
+    files = sorted(p.relative_to(tmp_path / "adult").as_posix()
+                   for p in (tmp_path / "adult").rglob("*.png"))
+    assert files == ["normal/site3-0000.png", "normal/site3-0001.png", "normal/site3-0002.png",
+                     "pneumonia/site3-0000.png", "pneumonia/site3-0001.png"]
+    for name in files:  # the server's own checks accept them
+        assert decode_checked((tmp_path / "adult" / name).read_bytes()).shape[2] == 3
 
 
 def test_metadata_has_current_schema_and_its_quirks(small: tuple[Path, dict]) -> None:

@@ -88,7 +88,7 @@ def make_project(root: Path, n_train: int = 24, n_heldout: int = 4, n_external: 
         rel = f"{set_name}/{label}/{name}.png"
         sha = _write(datasets / rel, image)
         manifest.append([rel, set_name, label, f"p-{name}", sha, f"raw/{name}.png",
-                         image.shape[1], image.shape[0], "png", f"p-{name}"])
+                         image.shape[1], image.shape[0], "png", f"p-{name}", "kermany"])
         return sha
 
     covid = [synthetic_xray("covid", rng) for _ in range(n_train)]

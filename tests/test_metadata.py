@@ -14,11 +14,14 @@ import pytest
 
 from covid_xray.errors import PipelineError
 from covid_xray.metadata import (
+    NEGATIVE_COLUMNS,
     OUTPUT_COLUMNS,
     finding_labels,
     finding_matches,
+    negative_label,
     normalise_column,
     on_or_after,
+    origin_of,
     parse_date,
     read_metadata,
     select_covid,
@@ -119,6 +122,73 @@ def test_finding_with_a_path_matches_that_branch() -> None:
     assert finding_matches("Pneumonia/Bacterial/Streptococcus", ["Streptococcus", "SARS"])
 
 
+# ---------------------------------------------------------------------- same-source negatives
+@pytest.mark.parametrize(("value", "label"), [
+    ("No Finding", "normal"), ("No finding ", "normal"),
+    ("Streptococcus", "pneumonia"), ("Pneumocystis", "pneumonia"), ("SARS", "pneumonia"),
+    ("Pneumonia", "pneumonia"), ("Klebsiella", "pneumonia"), ("Legionella", "pneumonia"),
+    ("Varicella", "pneumonia"), ("E.Coli", "pneumonia"), ("Chlamydophila", "pneumonia"),
+    ("Influenza", "pneumonia"), ("Mycoplasma Bacterial Pneumonia", "pneumonia"),
+    ("Bacterial", "pneumonia"), ("Pneumonia/Bacterial/Streptococcus", "pneumonia"),
+    ("Pneumonia/Fungal/Pneumocystis", "pneumonia"), ("Pneumonia/Viral/SARS", "pneumonia"),
+    ("Pneumonia/Viral/Influenza/H1N1", "pneumonia"),
+    ("Pneumonia/Bacterial/Staphylococcus/MRSA", "pneumonia"),
+    # not infectious, not a pneumonia, unknown, or COVID-19 itself: never a negative
+    ("Lipoid", None), ("Pneumonia/Lipoid", None), ("Pneumonia/Aspiration", None),
+    ("ARDS", None), ("Tuberculosis", None), ("todo", None), ("Unknown", None), ("", None),
+    ("COVID-19", None), ("Pneumonia/Viral/COVID-19", None), ("COVID-19, ARDS", None),
+    ("Streptococcus, ARDS", None), ("No Finding, Pneumonia", None),
+])
+def test_negative_findings_map_to_a_class_or_to_none(value: str, label: str | None) -> None:
+    assert negative_label(value) == label
+
+
+@pytest.mark.parametrize(("url", "doi", "origin"), [
+    ("https://radiopaedia.org/cases/covid-19-pneumonia-7", "", "radiopaedia.org"),
+    ("https://www.eurorad.org/case/16664", "10.1/x", "eurorad.org"),
+    ("HTTPS://WWW.NEJM.org/doi/full/10.1056/NEJMc2001272", "", "nejm.org"),
+    ("radiopaedia.org/cases/x", "", "radiopaedia.org"),
+    ("https://a.org/1 https://b.org/2", "", "a.org"),
+    ("", "10.1148/radiol.2020200230", "doi:10.1148"),
+    ("", "https://doi.org/10.1016/j.jmii.2020.03.008", "doi:10.1016"),
+    ("not a url", "", "unknown"), ("", "", "unknown"),
+])
+def test_origin_is_the_url_domain_else_the_doi_registrant(url: str, doi: str,
+                                                          origin: str) -> None:
+    assert origin_of(url, doi) == origin
+
+
+def test_collection_negatives_get_the_same_checks_dates_and_origins(tmp_path: Path) -> None:
+    rows = [*ROWS,
+            ("10", "No Finding", "No Finding", "PA", "X-ray", "April 2, 2020", "images",
+             "p10.jpg", True),                                      # held out like COVID
+            ("11", "Lipoid", "Pneumonia/Lipoid", "PA", "X-ray", "2019", "images", "p11.jpg",
+             True),                                                 # not infectious: finding
+            ("12", "Klebsiella", "Pneumonia/Bacterial/Klebsiella", "PA", "X-ray", "2019",
+             "images", "p12.jpg", False),                           # missing file
+            ("13", "Streptococcus", "Pneumonia/Bacterial/Streptococcus", "PA", "X-ray", "2019",
+             "images", "p1a.jpg", True),                            # a COVID row's file
+            ("14", "Streptococcus", "Pneumonia/Bacterial/Streptococcus", "AP", "X-ray", "2019",
+             "images", "p14.jpg", True)]                            # view
+    csv_path = write_metadata(tmp_path / "ds", "new", rows)
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    frame["url"] = [f"https://www.site{int(p) % 3}.org/case/{p}" for p in frame["patientid"]]
+    frame.to_csv(csv_path, index=False)
+    selection = select_covid(csv_path, SelectParams())
+    assert list(selection.negatives["filename"]) == ["p6.jpg", "p7.jpg", "p9.jpg"]
+    assert list(selection.negatives_heldout["filename"]) == ["p10.jpg"]
+    assert list(selection.negatives_heldout["label"]) == ["normal"]
+    reasons = dict(zip(selection.dropped["filename"], selection.dropped["reason"], strict=True))
+    assert {name: reasons[name] for name in ("p11.jpg", "p12.jpg", "p14.jpg")} == {
+        "p11.jpg": "finding", "p12.jpg": "missing_file", "p14.jpg": "view"}
+    assert reasons["p1a.jpg"] == "duplicate"  # the COVID row keeps its file
+    assert list(selection.selected["filename"]) == ["p1a.jpg", "p2a.png", "p3a.jpg"]
+    assert list(selection.selected["origin"]) == ["site1.org", "site2.org", "site0.org"]
+    assert list(selection.negatives["origin"]) == ["site0.org", "site1.org", "site0.org"]
+    assert selection.report["origins"] == 3  # COVID rows' origins, training and held out
+    assert selection.report["negatives"]["heldout"] == {"normal": 1, "pneumonia": 0}
+
+
 # --------------------------------------------------------------------------------------- dates
 @pytest.mark.parametrize(("raw", "iso", "precision", "after_march"), [
     ("January 22, 2020", "2020-01-22", "day", False),
@@ -173,14 +243,22 @@ def test_selection_on_both_schemas(tmp_path: Path, schema: str) -> None:
     assert list(selection.selected["date"]) == ["2020-01-22", "", "2020-02-29"]
     assert list(selection.heldout["date_raw"]) == ["Mar 4, 2020", "2020-04-02"]
     reasons = dict(zip(selection.dropped["filename"], selection.dropped["reason"], strict=True))
-    assert reasons == {"p3b.jpg": "missing_file", "p4a.jpg": "view", "p5.nii.gz": "modality",
-                       "p6.jpg": "finding", "p7.jpg": "finding", "p9.jpg": "finding"}
-    assert list(selection.dropped["row"]) == [4, 5, 6, 7, 8, 10]
+    assert reasons == {"p3b.jpg": "missing_file", "p4a.jpg": "view", "p5.nii.gz": "modality"}
+    assert list(selection.dropped["row"]) == [4, 5, 6]
+    # SARS, Streptococcus and No Finding PA X-rays: the collection's own negatives
+    assert list(selection.negatives.columns) == list(NEGATIVE_COLUMNS)
+    assert dict(zip(selection.negatives["filename"], selection.negatives["label"],
+                    strict=True)) == {"p6.jpg": "pneumonia", "p7.jpg": "pneumonia",
+                                      "p9.jpg": "normal"}
+    assert list(selection.negatives["patient_id"]) == ["covid-6", "covid-7", "covid-9"]
+    assert selection.negatives_heldout.empty
     report = selection.report
     assert report["rows_in"] == len(ROWS)
     assert (report["rows_selected"], report["rows_heldout"]) == (3, 2)
-    assert report["dropped"]["finding"] == 3 and report["dropped"]["missing_file"] == 1
-    assert report["dropped_total"] == 6 == report["rows_in"] - 5
+    assert report["dropped"]["finding"] == 0 and report["dropped"]["missing_file"] == 1
+    assert report["dropped_total"] == 3 == report["rows_in"] - 5 - 3
+    assert report["negatives"] == {"selected": {"normal": 1, "pneumonia": 2},
+                                   "heldout": {"normal": 0, "pneumonia": 0}}
     assert report["undatable"] == 1
     assert report["patients"] == {"selected": 3, "heldout": 2, "both": 1}
     assert report["schema"]["patient_column"] == ("Patientid" if schema == "old" else "patientid")
@@ -274,7 +352,10 @@ def test_real_sample_old_schema_with_missing_images(xray_sample: Path) -> None:
     assert report["schema"]["folder_column"] is False
     assert report["dropped"]["modality"] == 23  # the CT rows
     assert report["missing_files"] > 0  # a partial download: counted, not fatal
-    assert report["rows_selected"] + report["rows_heldout"] + report["dropped_total"] == 146
+    negatives = sum(n for part in report["negatives"].values() for n in part.values())
+    assert negatives == len(selection.negatives) + len(selection.negatives_heldout) > 0
+    assert (report["rows_selected"] + report["rows_heldout"] + negatives
+            + report["dropped_total"]) == 146
     assert report["rows_heldout"] >= 1 and report["undatable"] > 0
     for path in pd.concat([selection.selected, selection.heldout])["image_path"]:
         assert (csv_path.parent / path).is_file()
@@ -295,8 +376,11 @@ def test_stage_writes_tables_and_metric(tmp_path: Path, repo_root: Path,
     monkeypatch.setenv("COVID_XRAY_ROOT", str(tmp_path))
     select_metadata.main()
     interim = tmp_path / "data" / "interim"
-    assert sorted(p.name for p in interim.iterdir()) == ["covid_heldout.csv",
-                                                        "covid_selected.csv", "dropped.csv"]
+    assert sorted(p.name for p in interim.iterdir()) == [
+        "covid_heldout.csv", "covid_selected.csv", "dropped.csv", "negatives_heldout.csv",
+        "negatives_selected.csv"]
+    negatives = pd.read_csv(interim / "negatives_selected.csv", dtype=str, keep_default_na=False)
+    assert list(negatives.columns) == list(NEGATIVE_COLUMNS) and len(negatives) == 3
     selected = pd.read_csv(interim / "covid_selected.csv", dtype=str, keep_default_na=False)
     assert list(selected.columns) == list(OUTPUT_COLUMNS) and len(selected) == 3
     dropped = pd.read_csv(interim / "dropped.csv")

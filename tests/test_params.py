@@ -56,6 +56,12 @@ def test_repository_params_are_valid_and_match_the_seed(repo_root: Path) -> None
         ({"threshold": {"rule": "vibes"}}, "threshold.rule"),
         ({"validate": {"external": ["a"]}}, "validate.external"),
         ({"select": {"views": []}}, "select.views"),
+        ({"copy": {"negatives": {"normal": ["nih"]}}}, "copy.negatives"),
+        ({"copy": {"negatives": {"pneumonia": []}}}, "copy.negatives.pneumonia"),
+        ({"copy": {"negatives": {"normal": ["kermany", "kermany"]}}}, "copy.negatives.normal"),
+        ({"copy": {"folders": {"kermany": "x"}}}, "copy.folders"),
+        ({"copy": {"folders": {"a b": "x"}}}, "copy.folders"),
+        ({"copy": {"folders": ["x"]}}, "copy.folders"),
         ({"model": {"backbone": "smallcnn", "weights": "imagenet"}}, "model.weights"),
         ({"pretrain": {"architecture": "resnet"}}, "pretrain.architecture"),
         ({"pretrain": {"init": "imagenet"}}, "pretrain.init"),  # no ImageNet smallcnn
@@ -66,6 +72,29 @@ def test_repository_params_are_valid_and_match_the_seed(repo_root: Path) -> None
 def test_bad_values_name_the_key(raw: dict, key: str, tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match=f"`{key}`"):
         parse_params(raw, root=tmp_path)
+
+
+def test_negative_sources_name_folders_and_never_an_external_set(tmp_path: Path) -> None:
+    params = parse_params({"copy": {"folders": {"adult": "sets/adult"},
+                                    "negatives": {"normal": ["covid_collection", "adult"]}}},
+                          root=tmp_path)
+    assert params.copy.sources("normal") == ("covid_collection", "adult")
+    assert params.copy.sources("pneumonia") == ("kermany",)
+    with pytest.raises(ParamsError, match=r"unknown source\(s\) nih in `normal`; known: "
+                                          r"kermany, covid_collection, adult"):
+        parse_params({"copy": {"folders": {"adult": "a"}, "negatives": {"normal": ["nih"]}}},
+                     root=tmp_path)
+    for external in ("sets/adult", str(tmp_path / "sets" / "adult") + "/", "sets",
+                     "sets/adult/normal"):  # the same folder, or one inside the other
+        with pytest.raises(ParamsError) as info:
+            parse_params({"copy": {"folders": {"adult": "sets/adult"}},
+                          "validate": {"external": {"hospital": external}}}, root=tmp_path)
+        message = str(info.value)
+        assert message.startswith("params.yaml: `copy.folders.adult` (sets/adult) and "
+                                  f"`validate.external.hospital` ({external})"), message
+        assert "never be an external test set" in message and "\n" not in message
+    parse_params({"copy": {"folders": {"adult": "sets/adult"}},  # siblings are fine
+                  "validate": {"external": {"hospital": "sets/adult2"}}}, root=tmp_path)
 
 
 def test_weights_path_is_resolved_against_the_params_folder(tmp_path: Path) -> None:
@@ -191,7 +220,7 @@ def _lookup(raw: dict, key: str) -> Any:
 def _leaf_keys(raw: dict, prefix: str = "") -> set[str]:
     keys: set[str] = set()
     for name, value in raw.items():
-        if isinstance(value, dict) and f"{prefix}{name}" not in DOCUMENTED_EXCEPTIONS:
+        if isinstance(value, dict) and value and f"{prefix}{name}" not in DOCUMENTED_EXCEPTIONS:
             keys |= _leaf_keys(value, f"{prefix}{name}.")
         else:
             keys.add(f"{prefix}{name}")

@@ -19,8 +19,8 @@ from pipeline_helpers import FAST_PARAMS, dvc_warnings, make_repo_copy, read_jso
 pytestmark = pytest.mark.slow
 
 ALL_STAGES = {"acquire", "select_metadata", "copy_images", "split", "audit", "probe",
-              "pretrain", "featurize", "train@covid_normal", "train@covid_pneumonia", "evaluate",
-              "validate", "report"}
+              "pretrain", "featurize", "cross_source", "train@covid_normal",
+              "train@covid_pneumonia", "evaluate", "validate", "report"}
 
 
 def ran(output: str) -> set[str]:
@@ -179,8 +179,8 @@ def test_models_beat_chance_on_held_out_sets(pipeline: dict) -> None:
 def test_head_only_experiment_skips_featurize(pipeline: dict) -> None:
     repo = pipeline["repo"]
     result = run(["dvc", "exp", "run", "-S", "train.dropout=0.3"], repo)
-    assert ran(result.stdout) == {"acquire", "train@covid_normal", "train@covid_pneumonia",
-                                  "evaluate", "validate", "report"}
+    assert ran(result.stdout) == {"acquire", "cross_source", "train@covid_normal",
+                                  "train@covid_pneumonia", "evaluate", "validate", "report"}
     diff = run(["dvc", "metrics", "diff", "--json"], repo).stdout
     assert "metrics/evaluate.json" in diff
     assert "train.dropout" in run(["dvc", "params", "diff"], repo).stdout
@@ -242,7 +242,8 @@ def test_report_and_cards_match_the_metrics(pipeline: dict) -> None:
     repo = pipeline["repo"]
     report = (repo / "reports/report.md").read_text()
     for section in ("## Data", "## Results: internal test vs held-out vs external",
-                    "## Leakage audit", "## Shortcut probe", "## Plots", "## Grad-CAM gallery",
+                    "## Cross-source validation", "## Leakage audit", "## Shortcut probe",
+                    "## Plots", "## Grad-CAM gallery",
                     "## Limitations", "not a diagnostic device"):
         assert section in report, section
     evaluate = read_json(repo / "metrics/evaluate.json")

@@ -13,8 +13,8 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LOCAL = {"covid_xray", "stages", *(p.stem for folder in ("tests", "benchmarks")
-                                   for p in (REPO_ROOT / folder).glob("*.py"))}
+LOCAL = {"covid_xray", "stages", *(p.stem for p in (REPO_ROOT / "tests").glob("*.py")),
+         *(p.stem for p in (REPO_ROOT / "benchmarks").glob("*.py"))}
 """The project's own modules (tests and benchmarks import their helper modules by name)."""
 
 EXTRAS = ("requirements-ray.txt", "requirements-s3.txt", "requirements-gpu.txt")
