@@ -23,7 +23,7 @@ XRAY_PARAMS = deep_update(copy.deepcopy(FAST_PARAMS), {
     "pretrain": {"img_size": 64, "epochs": 2, "batch_size": 16, "max_per_class": 40}})
 STAGES = {"acquire", "select_metadata", "copy_images", "split", "audit", "probe", "pretrain",
           "featurize", "train@covid_normal", "train@covid_pneumonia", "evaluate", "validate",
-          "report"}
+          "report", "cross_source"}
 
 
 def ran(output: str) -> set[str]:
