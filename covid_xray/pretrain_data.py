@@ -111,21 +111,20 @@ def held_groups(paths: Paths) -> tuple[dict[str, str], dict[str, str]]:
     """
     groups: dict[str, str] = {}
     patients: dict[str, str] = {}
+
+    def hold(rows: pd.DataFrame, reason: str) -> None:  # the first reason found is kept
+        for group in rows[GROUP]:
+            groups.setdefault(group, reason)
+        for patient in rows["patient_id"]:
+            patients.setdefault(patient, reason)
+
     manifest = read_manifest(paths.manifest)
     for set_name in EVALUATION_SETS:
-        part = manifest[manifest["set"] == set_name]
-        for group in part[GROUP]:
-            groups.setdefault(group, f"patient_in_{set_name}")
-        for patient in part["patient_id"]:
-            patients.setdefault(patient, f"patient_in_{set_name}")
+        hold(manifest[manifest["set"] == set_name], f"patient_in_{set_name}")
     for model in MODEL_NAMES:
         split = read_stage_csv(paths.split_file(model), ("split", "patient_id", GROUP), "split")
         for name in HELD_SPLITS:
-            part = split[split["split"] == name]
-            for group in part[GROUP]:
-                groups.setdefault(group, f"patient_in_{model}_{name}")
-            for patient in part["patient_id"]:
-                patients.setdefault(patient, f"patient_in_{model}_{name}")
+            hold(split[split["split"] == name], f"patient_in_{model}_{name}")
     return groups, patients
 
 
