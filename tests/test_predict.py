@@ -138,16 +138,19 @@ def test_out_of_distribution_gives_no_verdict(service: PredictionService) -> Non
 
 def test_feature_distance_refusal_gives_no_verdict(service: PredictionService,
                                                   xray_jpeg: bytes) -> None:
-    """The features path of the check: a limit tightened below this image's distance refuses it."""
+    """The features path of the check: a limit tightened below this image's distance refuses it.
+    The models say they were trained on real data (on a clone without the sample the smoke
+    models are demo-trained, whose refusal message is the next test's)."""
     distance = max(service.predict_bytes(xray_jpeg)["checks"]["features"].values())
-    strict = PredictionService(service.models, ood_tolerance=distance / 2)
+    real = [trained_on(m, "local:collections") for m in service.models]
+    strict = PredictionService(real, ood_tolerance=distance / 2)
     result = strict.predict_bytes(xray_jpeg)
     assert result["in_distribution"] is False and result["refused_by"] == "features"
     assert "unlike the chest X-rays" in result["message"]
     for answer in result["models"].values():
         assert answer["label"] is None and answer["probabilities"] is None
         assert answer["ood_distance"] > 0  # the distance is still reported
-    lenient = PredictionService(service.models, ood_tolerance=distance * 1.01)
+    lenient = PredictionService(real, ood_tolerance=distance * 1.01)
     assert lenient.predict_bytes(xray_jpeg)["in_distribution"] is True
     with pytest.raises(ValueError, match="ood_tolerance"):
         PredictionService(service.models, ood_tolerance=0)
