@@ -143,21 +143,20 @@ def probe_lines(run: RunMetrics) -> list[str]:
         p = run.probe.get(model)
         if not p:
             continue
-        d = run.probe.get(model, {})
         raw, seen = p.get("raw", {}), p.get("model_input", {})
         verdict = ("**FIRED: image statistics of the model's input alone separate the classes; "
-                   "the model may be learning the data source, not disease.**" if p.get("fired")
+                   "the model may be learning the data source, not disease**" if p.get("fired")
                    else "below the threshold for image statistics of the model's input")
         extra = (" An untrained network with random weights also separates them "
                  f"(AUC {fmt(seen.get('backbone_auc'))}), so the classes differ in ways a "
-                 "network sees without any training." if d.get("random_fired") else "")
+                 "network sees without any training." if p.get("random_fired") else "")
         lines.append(
             f"- {TITLES[model]}: image-statistics AUC {fmt(raw.get('stats_auc'))} on the files, "
             f"{fmt(seen.get('stats_auc'))} on the model's input; untrained-backbone AUC "
             f"{fmt(raw.get('backbone_auc'))} / {fmt(seen.get('backbone_auc'))} (threshold "
-            f"{fmt(d.get('threshold'), 2)}): {verdict}.{extra} Most telling statistics: "
-            f"{', '.join(d.get('top_raw_features', [])[:3]) or 'n/a'} (files), "
-            f"{', '.join(d.get('top_model_input_features', [])[:3]) or 'n/a'} (model input).")
+            f"{fmt(p.get('threshold'), 2)}): {verdict}.{extra} Most telling statistics: "
+            f"{', '.join(p.get('top_raw_features', [])[:3]) or 'n/a'} (files), "
+            f"{', '.join(p.get('top_model_input_features', [])[:3]) or 'n/a'} (model input).")
     preprocessing = next((d.get("preprocessing") for d in run.probe.values()
                           if d.get("preprocessing")), None)
     if lines and preprocessing:

@@ -437,3 +437,7 @@ def test_report_puts_the_model_input_aucs_beside_the_files(tmp_path: Path) -> No
     assert recipe.startswith("- Model input: `decode->RGB->grey(luma)->") and "224 px" in recipe
     card = render_model_card(run, "covid_pneumonia")
     assert ("image-statistics AUC 0.990 / 0.610, untrained-backbone AUC 0.970 / 0.830." in card)
+    fired = RunMetrics(selection={}, copy_images={}, split={}, audit={},
+                       probe={"covid_pneumonia": {**details, "fired": True}}, evaluate={},
+                       validate={}, models={}, source={})
+    assert "not disease**. An untrained network" in probe_lines(fired)[0]  # one full stop
