@@ -342,7 +342,9 @@ def test_offline_fails_at_once_with_what_to_do_instead(tmp_path: Path) -> None:
     assert [p.name for p in paths.raw.iterdir()] == ["previous.txt"]
 
 
-def test_archives_placed_by_hand_need_no_network(tmp_path: Path) -> None:
+def _placed_archives(tmp_path: Path) -> tuple[Paths, list[RemoteArchive]]:
+    """The three dataset archives already in data/downloads/, as a user places them by hand;
+    their URLs point at a port nothing listens on."""
     paths = Paths(tmp_path)
     paths.downloads.mkdir(parents=True)
     archives = []
@@ -352,6 +354,11 @@ def test_archives_placed_by_hand_need_no_network(tmp_path: Path) -> None:
                   "/actualmed.zip": "actualmed"}[path]
         archives.append(RemoteArchive(layout, f"http://127.0.0.1:9{path}", path.strip("/"),
                                       layout))
+    return paths, archives
+
+
+def test_archives_placed_by_hand_need_no_network(tmp_path: Path) -> None:
+    paths, archives = _placed_archives(tmp_path)
     summary = acquire(_params("download", tmp_path), paths, archives=archives, progress=False)
     assert summary["counts"]["kermany_images"] == 4
 
@@ -1012,15 +1019,7 @@ def test_external_folder_is_never_empty_so_dvc_does_not_warn(tmp_path: Path) -> 
 
 def test_download_refresh_keeps_data_raw_while_the_archives_are_the_same(
         tmp_path: Path) -> None:
-    paths = Paths(tmp_path)
-    paths.downloads.mkdir(parents=True)
-    archives = []
-    for path, body in _dataset_zips().items():
-        (paths.downloads / path.strip("/")).write_bytes(body)
-        layout = {"/covid.zip": "covid", "/kermany.zip": "kermany",
-                  "/actualmed.zip": "actualmed"}[path]
-        archives.append(RemoteArchive(layout, f"http://127.0.0.1:9{path}", path.strip("/"),
-                                      layout))
+    paths, archives = _placed_archives(tmp_path)
     params = _params("download", tmp_path)
     summary, rebuilt = refresh(params, paths, archives=archives, progress=False)
     assert rebuilt
