@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_real_data import add_arguments, git_env, real_copy
+from bench_real_data import add_arguments, git_env, real_copy, release
 
 MODELS = ("covid_normal", "covid_pneumonia")
 VARIANTS: dict[str, dict[str, str]] = {
@@ -168,10 +167,7 @@ def main() -> None:
             print(json.dumps(shown, indent=1), flush=True)
         print_tables(results)
     finally:
-        if args.keep or args.workdir:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        release(workdir, keep=args.keep or args.workdir is not None)
 
 
 if __name__ == "__main__":

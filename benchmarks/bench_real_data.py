@@ -70,6 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy")
 
 
+def release(workdir: Path, keep: bool) -> None:
+    """At the end of a benchmark: keep the copy and say where (``--keep``, ``--workdir``), or
+    delete it."""
+    if keep:
+        print(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def real_copy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, Path]:
     """Check the arguments, make the repository copy for ``args.source``; ``(workdir, repo)``."""
     external = {}
@@ -119,10 +128,7 @@ def main() -> None:
         print(f"\ndvc repro: {seconds:.0f} s\n")
         print(report_sections(report))
     finally:
-        if args.keep or args.workdir:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        release(workdir, keep=args.keep or args.workdir is not None)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 for folder in (REPO_ROOT, REPO_ROOT / "tests", REPO_ROOT / "benchmarks"):
     sys.path.insert(0, str(folder))
 
-from bench_real_data import parse_setting  # noqa: E402
+from bench_real_data import parse_setting, release  # noqa: E402
 from pipeline_helpers import deep_update, git_env, make_repo_copy  # noqa: E402
 
 from covid_xray.errors import ParamsError  # noqa: E402
@@ -240,10 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\nChoose by the cross-source column (no external set was used to compute it); "
               "the external columns are the final check, never the criterion.")
     finally:
-        if args.keep or args.workdir:
-            print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        release(workdir, keep=args.keep or args.workdir is not None)
 
 
 if __name__ == "__main__":
