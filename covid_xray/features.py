@@ -243,7 +243,7 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
                      params.seed)
     if plan.empty:
         raise PipelineError(f"{paths.manifest}: no images listed; re-run copy_images")
-    backbone, pretrained = feature_backbone(paths, params)
+    backbone, weights, pretrained = feature_backbone(paths, params)
     with atomic_dir(paths.features) as folder:
         save_weights_reproducibly(backbone, folder / BACKBONE_WEIGHTS_FILE)
         if compute_ray is not None:
@@ -262,8 +262,8 @@ def featurize(paths: Paths, params: Params, jit_compile: bool | None = None,
             "backbone": params.backbone,
             "weights": params.model.weights,
             # which file: a path says nothing when the file at it is replaced (train checks it)
-            "weights_sha256": weights_sha256(params.backbone, params.model.img_size,
-                                             backbone_weights(paths, params), paths.root),
+            "weights_sha256": weights_sha256(params.backbone, params.model.img_size, weights,
+                                             paths.root),
             **({"pretrain": pretrained} if pretrained else {}),
             "img_size": params.model.img_size,
             "preprocess": params.preprocess.as_dict(),
@@ -298,19 +298,20 @@ def backbone_weights(paths: Paths, params: Params) -> str:
     return str(paths.pretrain / WEIGHTS_FILE)
 
 
-def feature_backbone(paths: Paths, params: Params) -> tuple[keras.Model, dict[str, Any]]:
-    """The frozen backbone params ask for, and (``model.weights: xray``) how it was pretrained:
-    the summary of the pretrain's info.json that travels on to the sidecars and model cards."""
-    backbone = build_backbone(params.backbone, params.model.img_size,
-                              backbone_weights(paths, params), seed=params.seed)
+def feature_backbone(paths: Paths, params: Params) -> tuple[keras.Model, str, dict[str, Any]]:
+    """The frozen backbone params ask for, the weights it was built from
+    (:func:`backbone_weights`), and (``model.weights: xray``) how it was pretrained: the summary
+    of the pretrain's info.json that travels on to the sidecars and model cards."""
+    weights = backbone_weights(paths, params)
+    backbone = build_backbone(params.backbone, params.model.img_size, weights, seed=params.seed)
     if not params.uses_pretrain:
-        return backbone, {}
+        return backbone, weights, {}
     info = pretrain_info(paths.pretrain)
     summary = {key: info[key] for key in ("architecture", "params", "task", "kermany_test",
                                           "kermany_test_at_model_size", "weights_sha256")}
     summary["images"] = {key: info["images"][key] for key in ("train", "val", "pool",
                                                               "not_drawn", "left_out")}
-    return backbone, summary
+    return backbone, weights, summary
 
 
 def featurize_metrics(report: dict[str, Any]) -> dict[str, Any]:
