@@ -143,21 +143,19 @@ def pretrain(paths: Paths, params: Params, verbose: int = 2) -> dict[str, Any]:
     chosen = select_images(paths, settings)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    readable: dict[str, tuple[pd.DataFrame, np.ndarray]] = {}  # the decodable rows, their images
     skipped: list[tuple[str, str]] = []
-    for use in ("train", "val"):
-        part = chosen.part(use)
+    for use, part in (("train", chosen.part("train")), ("val", chosen.part("val")),
+                      ("test", chosen.test)):
         images, bad = load_images(part["file"], settings.img_size, params.preprocess)
-        good = part[~part["file"].isin({f for f, _ in bad})]
-        arrays[use] = (images, _labels(good))
+        readable[use] = (part[~part["file"].isin({f for f, _ in bad})], images)
         skipped += bad
-    test_images, bad = load_images(chosen.test["file"], settings.img_size, params.preprocess)
-    test = chosen.test[~chosen.test["file"].isin({f for f, _ in bad})]
-    skipped += bad
     seconds["decode"] = time.perf_counter() - started
     if skipped:
         log.warning("%d image(s) could not be decoded and are not used, e.g. %s", len(skipped),
                     skipped[0][1])
+    arrays = {use: (images, _labels(rows)) for use, (rows, images) in readable.items()}
+    test, test_images = readable["test"]
     train_x, train_y = arrays["train"]
     if len(np.unique(train_y)) < 2:
         raise PipelineError(f"{paths.kermany_pool}: the pretrain needs NORMAL and PNEUMONIA "
